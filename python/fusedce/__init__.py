@@ -1,0 +1,40 @@
+"""fusedce: fused softmax cross-entropy (and its gradient) with PyTorch's
+semantics, over numpy arrays, on a SIMD multithreaded Rust core.
+
+    >>> import numpy as np, fusedce
+    >>> logits = np.random.randn(4, 10).astype(np.float32)
+    >>> loss, grad = fusedce.cross_entropy(logits, np.array([1, 2, 3, 4]), return_grad=True)
+"""
+
+from __future__ import annotations
+
+from . import _native
+from .functional import cross_entropy
+from .modules import CrossEntropyLoss
+
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "set_num_threads",
+    "get_num_threads",
+    "simd_level",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` worker threads from now on (default: ``FUSEDCE_NUM_THREADS``,
+    else one per core). Results are bitwise identical for any ``n``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive integer number of threads, got {n!r}")
+    _native.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of worker threads."""
+    return _native.get_num_threads()
+
+
+def simd_level() -> str:
+    """The SIMD instruction set the kernels use: "avx512", "avx2+fma" or
+    "scalar" (``FUSEDCE_SIMD=scalar|avx2`` caps it, read once at start)."""
+    return _native.simd_level()

@@ -1,0 +1,255 @@
+"""The functional API: ``cross_entropy``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Tuple, Union, overload
+
+import numpy as np
+
+from . import _native
+from ._arrays import as_array, float_kind, is_floating, native_view, shape_str
+
+Reduction = Literal["none", "mean", "sum"]
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "auto"):
+        raise ValueError(
+            f"device: expected 'cpu' or 'auto', got {device!r} (this build has no GPU backend)"
+        )
+
+
+def _check_common(reduction: str, label_smoothing: float) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"reduction: {reduction} is not a valid value for reduction; expected 'none', 'mean' or 'sum'"
+        )
+    ls = float(label_smoothing)
+    if not (0.0 <= ls <= 1.0):
+        raise ValueError(f"label_smoothing: must be between 0.0 and 1.0, got {label_smoothing}")
+
+
+def _weight_array(weight: Any, classes: int) -> Optional[np.ndarray]:
+    if weight is None:
+        return None
+    w = as_array("weight", weight)
+    if not is_floating(w) and not np.issubdtype(w.dtype, np.integer):
+        raise TypeError(f"weight: expected a floating array, got dtype {w.dtype}")
+    if w.shape != (classes,):
+        raise ValueError(
+            f"weight: expected shape ({classes},), one weight per class, got {shape_str(w.shape)}"
+        )
+    return np.ascontiguousarray(w, dtype=np.float64)
+
+
+class _Targets:
+    """Class indices (int64) or probabilities (input dtype), told apart by
+    PyTorch's rule: a target of the input's shape holds probabilities."""
+
+    def __init__(self, target: Any, x: np.ndarray, ignore_index: int) -> None:
+        t = as_array("target", target)
+        self.index: Optional[np.ndarray] = None
+        self.probs: Optional[np.ndarray] = None
+        unbatched = x.ndim == 1
+        index_shape = () if unbatched else (x.shape[0],) + x.shape[2:]
+        if t.shape == x.shape and is_floating(t):
+            if ignore_index >= 0:
+                raise ValueError(
+                    f"ignore_index: is not supported for class-probability targets, got {ignore_index}"
+                )
+            self.probs = np.ascontiguousarray(t, dtype=x.dtype)
+            return
+        if is_floating(t):
+            raise ValueError(
+                f"target: expected class indices of shape {shape_str(index_shape)} (an integer array) "
+                f"or class probabilities of the input's shape {shape_str(x.shape)}, "
+                f"got a {t.dtype} array of shape {shape_str(t.shape)}"
+            )
+        if not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(
+                f"target: expected an integer array of class indices or a floating array of "
+                f"probabilities, got dtype {t.dtype}"
+            )
+        if t.shape != index_shape:
+            if not unbatched and t.ndim >= 1 and t.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"target: Expected input batch_size ({x.shape[0]}) to match target batch_size "
+                    f"({t.shape[0]}); expected shape {shape_str(index_shape)}, got {shape_str(t.shape)}"
+                )
+            raise ValueError(
+                f"target: expected class indices of shape {shape_str(index_shape)} for input of shape "
+                f"{shape_str(x.shape)}, got {shape_str(t.shape)}"
+            )
+        if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > np.iinfo(np.int64).max:
+            raise IndexError(f"target: Target {int(t.max())} is out of bounds.")
+        self.index = np.ascontiguousarray(t, dtype=np.int64)
+
+
+def _grad_output(grad_output: Any, reduction: str, loss_shape: tuple) -> Tuple[Optional[float], Optional[np.ndarray]]:
+    if grad_output is None:
+        return 1.0, None
+    g = as_array("grad_output", grad_output)
+    if not (is_floating(g) or np.issubdtype(g.dtype, np.integer)):
+        raise TypeError(f"grad_output: expected a floating array, got dtype {g.dtype}")
+    if reduction != "none" or g.ndim == 0:
+        if g.size != 1 or g.ndim != 0:
+            raise ValueError(
+                f"grad_output: expected a scalar (the loss is 0-d for reduction={reduction!r}), "
+                f"got shape {shape_str(g.shape)}"
+            )
+        return float(g), None
+    if g.shape != loss_shape:
+        raise ValueError(
+            f"grad_output: expected the loss's shape {shape_str(loss_shape)}, got {shape_str(g.shape)}"
+        )
+    return None, np.ascontiguousarray(g, dtype=np.float64)
+
+
+def _grad_buffer(grad_out: Any, original_input: Any, x: np.ndarray) -> Tuple[str, Optional[np.ndarray]]:
+    """('separate', buffer) or ('inplace', None)."""
+    if grad_out is None:
+        return "separate", np.empty(x.shape, dtype=x.dtype)
+    if not isinstance(grad_out, np.ndarray):
+        raise TypeError(f"grad_out: expected a numpy array, got {type(grad_out).__name__}")
+    same = grad_out is original_input or (
+        grad_out.shape == x.shape
+        and grad_out.dtype == x.dtype
+        and grad_out.strides == x.strides
+        and grad_out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+    )
+    if same:
+        if x is not original_input and x.__array_interface__["data"][0] != grad_out.__array_interface__["data"][0]:
+            raise ValueError(
+                "grad_out: in-place gradient (grad_out=input) needs the input to be a C-contiguous "
+                "numpy array of a supported dtype; this input had to be converted"
+            )
+        if not x.flags.c_contiguous:
+            raise ValueError("grad_out: in-place gradient (grad_out=input) needs a C-contiguous input")
+        if not x.flags.writeable:
+            raise ValueError("grad_out: in-place gradient (grad_out=input) needs a writeable input")
+        return "inplace", None
+    if grad_out.shape != x.shape or grad_out.dtype != x.dtype:
+        raise ValueError(
+            f"grad_out: expected an array of shape {shape_str(x.shape)} and dtype {x.dtype}, "
+            f"got shape {shape_str(grad_out.shape)} and dtype {grad_out.dtype}"
+        )
+    if not grad_out.flags.c_contiguous:
+        raise ValueError("grad_out: expected a C-contiguous array")
+    if not grad_out.flags.writeable:
+        raise ValueError("grad_out: expected a writeable array")
+    if np.shares_memory(grad_out, x):
+        raise ValueError("grad_out: overlaps the input without being the input itself")
+    return "separate", grad_out
+
+
+@overload
+def cross_entropy(input: Any, target: Any, weight: Any = ..., ignore_index: int = ...,
+                  reduction: Reduction = ..., label_smoothing: float = ..., *,
+                  return_grad: Literal[False] = ..., grad_output: Any = ..., grad_out: None = ...,
+                  device: str = ...) -> np.ndarray: ...
+@overload
+def cross_entropy(input: Any, target: Any, weight: Any = ..., ignore_index: int = ...,
+                  reduction: Reduction = ..., label_smoothing: float = ..., *,
+                  return_grad: Literal[True], grad_output: Any = ..., grad_out: Optional[np.ndarray] = ...,
+                  device: str = ...) -> Tuple[np.ndarray, np.ndarray]: ...
+
+
+def cross_entropy(
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    return_grad: bool = False,
+    grad_output: Any = None,
+    grad_out: Optional[np.ndarray] = None,
+    device: str = "cpu",
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """Softmax cross-entropy with ``torch.nn.functional.cross_entropy``'s semantics,
+    and its gradient from the same fused pass.
+
+    Args:
+        input: logits of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``;
+            float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``).
+            Half inputs accumulate in float32. A numpy array, anything with
+            ``__dlpack__`` (viewed without a copy) or ``__array__``, or a list.
+            A non-C-contiguous input is copied once.
+        target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``
+            (any integer dtype), or class probabilities of the input's shape
+            (a floating array): PyTorch's rule tells them apart.
+        weight: per-class weights of shape ``(C,)``, or None.
+        ignore_index: class-index targets equal to it contribute no loss and no
+            gradient, and do not count in the mean. It may lie outside
+            ``[0, C)``. Must be negative for probability targets.
+        reduction: ``"none"`` (per-sample losses of shape ``(N, d1, ..., dK)``,
+            or ``()`` unbatched), ``"mean"`` (divided by the summed target
+            weights, or by the number of samples for probability targets) or
+            ``"sum"``.
+        label_smoothing: in ``[0, 1]``; mixes the target with the uniform
+            distribution over classes.
+        return_grad: also return the gradient of the loss w.r.t. ``input``.
+        grad_output: upstream gradient: a scalar for mean/sum (default 1), an
+            array of the loss's shape for ``"none"`` (default all ones).
+        grad_out: a preallocated C-contiguous array of the input's shape and
+            dtype for the gradient; ``grad_out=input`` overwrites the logits
+            with their gradient, so no ``N x C`` memory is allocated at all.
+            Needs ``return_grad=True``.
+        device: ``"cpu"`` (or ``"auto"``, which is the CPU in this build).
+
+    Returns:
+        ``loss`` (a numpy array of the input's dtype: 0-d for mean/sum), or
+        ``(loss, grad_input)`` with ``return_grad=True``; ``grad_input`` has
+        the input's shape and dtype.
+
+    Raises:
+        IndexError: a class index outside ``[0, C)`` that is not ``ignore_index``.
+        ValueError: shapes or values that do not fit.
+        TypeError: unsupported dtypes or objects.
+    Nothing is written to ``grad_out`` when an exception is raised.
+    """
+    _check_device(device)
+    _check_common(reduction, label_smoothing)
+    if grad_out is not None and not return_grad:
+        raise ValueError("grad_out: given without return_grad=True")
+    original = input
+    x = as_array("input", input)
+    kind = float_kind("input", x)
+    if x.ndim == 0:
+        raise ValueError("input: expected shape (C,), (N, C) or (N, C, d1, ..., dK), got a 0-d array")
+    x = np.ascontiguousarray(x)
+    if x.ndim == 1:
+        batch, classes, spatial = 1, x.shape[0], 1
+        loss_shape: tuple = ()
+    else:
+        batch, classes = x.shape[0], x.shape[1]
+        spatial = math.prod(x.shape[2:])
+        loss_shape = (batch,) + x.shape[2:]
+    if classes == 0:
+        raise ValueError(f"input: expected at least one class, got shape {shape_str(x.shape)}")
+    ignore_index = int(ignore_index)
+    targets = _Targets(target, x, ignore_index)
+    w = _weight_array(weight, classes)
+    g_scalar, g_array = _grad_output(grad_output, reduction, loss_shape)
+
+    losses = np.empty(loss_shape, dtype=x.dtype) if reduction == "none" else None
+    if return_grad:
+        mode, grad = _grad_buffer(grad_out, original, x)
+    else:
+        mode, grad = "none", None
+    value = _native.cross_entropy(
+        native_view(x), kind, batch, classes, spatial,
+        targets.index,
+        None if targets.probs is None else native_view(targets.probs),
+        w, ignore_index, reduction, float(label_smoothing),
+        g_scalar, g_array, mode,
+        None if grad is None else native_view(grad),
+        None if losses is None else native_view(losses),
+    )
+    loss = losses if losses is not None else np.asarray(value, dtype=x.dtype)
+    if not return_grad:
+        return loss
+    return loss, (x if mode == "inplace" else grad)

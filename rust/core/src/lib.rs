@@ -1,0 +1,16 @@
+//! fusedce-core: fused softmax cross-entropy loss and gradient, with
+//! PyTorch's semantics, on SIMD lanes chosen at run time and a thread pool
+//! whose size never changes a result's bits.
+//!
+//! Pure Rust, no Python: the `fusedce-python` crate binds it.
+
+pub mod elem;
+pub mod error;
+mod kernels;
+pub mod simd;
+pub mod softmax_ce;
+pub mod threads;
+
+pub use elem::{Elem, ElemKind, Real};
+pub use error::CeError;
+pub use softmax_ce::{cross_entropy, CrossEntropy, GradOutput, Logits, Reduction, Targets};

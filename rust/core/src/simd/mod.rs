@@ -1,0 +1,321 @@
+//! SIMD lanes with runtime dispatch.
+//!
+//! Kernels are written once, generic over [`Lanes`], and instantiated for each
+//! instruction set inside a `#[target_feature]` entry function, so that one
+//! binary uses the widest unit the CPU has (AVX-512, AVX2+FMA+F16C, or scalar).
+//! A lanes value is a zero-sized token: holding one proves the CPU supports
+//! its instructions, which is what makes its methods safe to call.
+
+use crate::elem::{Elem, Real};
+use std::sync::OnceLock;
+
+mod scalar;
+pub use scalar::{ScalarF32, ScalarF64};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub use avx2::Avx2;
+#[cfg(target_arch = "x86_64")]
+pub use avx512::Avx512;
+
+/// A vector of `N` lanes of the compute type `F`, with the operations the
+/// cross-entropy kernels need.
+pub trait Lanes: Copy + Send + Sync {
+    type F: Real;
+    type V: Copy;
+    /// A one-lane type with the same compute type, for the ends of rows.
+    type Tail: Lanes<F = Self::F>;
+    const N: usize;
+
+    fn tail(self) -> Self::Tail;
+    fn splat(self, x: Self::F) -> Self::V;
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise maximum (NaN handling unspecified: a NaN input poisons the
+    /// sum of exponentials later anyway).
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c`, fused where the hardware has it.
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `exp(x)` lane-wise; see [`exp_f32`] for the accuracy contract of the
+    /// float32 versions.
+    fn exp(self, x: Self::V) -> Self::V;
+    /// Sum of the lanes, in a fixed order.
+    fn hsum(self, v: Self::V) -> Self::F;
+    /// Maximum of the lanes.
+    fn hmax(self, v: Self::V) -> Self::F;
+    /// Loads the first `N` elements of `src` (which must hold at least `N`),
+    /// converting them to the compute type.
+    fn load<T: Elem>(self, src: &[T]) -> Self::V;
+    /// Stores the lanes into the first `N` elements of `dst` (which must hold
+    /// at least `N`), rounding to nearest-even when `T` is narrower.
+    fn store<T: Elem>(self, v: Self::V, dst: &mut [T]);
+}
+
+/// Work that can run on any lanes type with compute type `F`.
+pub trait Task<F: Real> {
+    type Output;
+    fn run<L: Lanes<F = F>>(self, lanes: L) -> Self::Output;
+}
+
+/// A compute type that knows how to pick the widest lanes for a task.
+pub trait Compute: Real {
+    fn dispatch<K: Task<Self>>(task: K) -> K::Output;
+}
+
+/// Instruction sets a kernel can run on, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2+fma",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
+fn detect() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if Avx512::new().is_some() {
+            return Level::Avx512;
+        }
+        if Avx2::new().is_some() {
+            return Level::Avx2;
+        }
+    }
+    Level::Scalar
+}
+
+/// The widest level this CPU supports, capped by the environment variable
+/// `FUSEDCE_SIMD` (`scalar`, `avx2`, `avx512`) when it is set: a way to test
+/// the narrower kernels on a wide machine.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let best = detect();
+        let cap = match std::env::var("FUSEDCE_SIMD").ok().as_deref() {
+            Some("scalar") => Level::Scalar,
+            Some("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        best.min(cap)
+    })
+}
+
+impl Compute for f32 {
+    #[inline]
+    fn dispatch<K: Task<f32>>(task: K) -> K::Output {
+        #[cfg(target_arch = "x86_64")]
+        match level() {
+            Level::Avx512 => {
+                if let Some(l) = Avx512::new() {
+                    return avx512::run(task, l);
+                }
+            }
+            Level::Avx2 => {
+                if let Some(l) = Avx2::new() {
+                    return avx2::run(task, l);
+                }
+            }
+            Level::Scalar => {}
+        }
+        task.run(ScalarF32)
+    }
+}
+
+impl Compute for f64 {
+    #[inline]
+    fn dispatch<K: Task<f64>>(task: K) -> K::Output {
+        task.run(ScalarF64)
+    }
+}
+
+/// Scalar float32 `exp` with the same algorithm as the vector versions:
+/// `x = n ln2 + r`, `|r| <= ln2/2`, a degree-7 polynomial for `e^r`, and
+/// `2^n` built in the exponent bits.
+///
+/// Accuracy contract (tested against float64 in `tests`): relative error at
+/// most 2 ulp for `x` in `[-87.33, 88.37]`; `0` below `-87.33` (where the true
+/// value is subnormal) and for `-inf`; `+inf` above `88.37`; NaN for NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x < EXP_LO {
+        return 0.0;
+    }
+    if x > EXP_HI {
+        return f32::INFINITY;
+    }
+    let n = (x * LOG2E).round_ties_even();
+    let r = (-n).mul_add(LN2_HI, x);
+    let r = (-n).mul_add(LN2_LO, r);
+    let y = exp_poly(r);
+    let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    y * pow2
+}
+
+#[inline(always)]
+fn exp_poly(r: f32) -> f32 {
+    let mut p = EXP_P0;
+    p = p.mul_add(r, EXP_P1);
+    p = p.mul_add(r, EXP_P2);
+    p = p.mul_add(r, EXP_P3);
+    p = p.mul_add(r, EXP_P4);
+    p = p.mul_add(r, EXP_P5);
+    p.mul_add(r * r, r) + 1.0
+}
+
+// Range and reduction constants shared by every float32 exp.
+pub(crate) const EXP_HI: f32 = 88.376_26;
+pub(crate) const EXP_LO: f32 = -87.336_55;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+// Minimax coefficients of (e^r - 1 - r) / r^2 on [-ln2/2, ln2/2].
+pub(crate) const EXP_P0: f32 = 1.987_569_1e-4;
+pub(crate) const EXP_P1: f32 = 1.398_199_9e-3;
+pub(crate) const EXP_P2: f32 = 8.333_452e-3;
+pub(crate) const EXP_P3: f32 = 4.166_579_6e-2;
+pub(crate) const EXP_P4: f32 = 1.666_666_5e-1;
+pub(crate) const EXP_P5: f32 = 5.000_000_1e-1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulp_err(got: f32, want: f64) -> f64 {
+        let ulp = (want as f32).abs().max(f32::MIN_POSITIVE);
+        let ulp = f32::from_bits(ulp.to_bits() + 1) - ulp;
+        (got as f64 - want).abs() / ulp as f64
+    }
+
+    fn check_exp<L: Lanes<F = f32>>(l: L) {
+        let mut worst = 0.0f64;
+        let n = 2_000_000;
+        let mut xs = vec![0.0f32; L::N];
+        let mut out = vec![0.0f32; L::N];
+        for i in 0..n {
+            let x = EXP_LO + (EXP_HI - EXP_LO) * (i as f32 / n as f32);
+            xs.iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v = f32::from_bits(x.to_bits().wrapping_add(j as u32)));
+            let v = l.exp(l.load(&xs));
+            l.store(v, &mut out);
+            for j in 0..L::N {
+                let want = (xs[j] as f64).exp();
+                if xs[j] >= EXP_LO && xs[j] <= EXP_HI {
+                    worst = worst.max(ulp_err(out[j], want));
+                }
+            }
+        }
+        assert!(worst <= 2.0, "exp error {worst} ulp");
+        let specials = [
+            f32::NEG_INFINITY,
+            -1000.0,
+            -88.0,
+            0.0,
+            89.0,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for &s in &specials {
+            xs.iter_mut().for_each(|v| *v = s);
+            l.store(l.exp(l.load(&xs)), &mut out);
+            let got = out[0];
+            match s {
+                x if x.is_nan() => assert!(got.is_nan()),
+                x if x < EXP_LO => assert_eq!(got, 0.0, "exp({x})"),
+                x if x > EXP_HI => assert_eq!(got, f32::INFINITY, "exp({x})"),
+                _ => assert_eq!(got, 1.0, "exp(0) must be exactly 1"),
+            }
+        }
+    }
+
+    #[test]
+    fn exp_scalar_against_f64() {
+        check_exp(ScalarF32);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_avx2_against_f64() {
+        if let Some(l) = Avx2::new() {
+            struct T;
+            impl Task<f32> for T {
+                type Output = ();
+                fn run<L: Lanes<F = f32>>(self, l: L) {
+                    check_exp(l)
+                }
+            }
+            avx2::run(T, l);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_avx512_against_f64() {
+        if let Some(l) = Avx512::new() {
+            struct T;
+            impl Task<f32> for T {
+                type Output = ();
+                fn run<L: Lanes<F = f32>>(self, l: L) {
+                    check_exp(l)
+                }
+            }
+            avx512::run(T, l);
+        }
+    }
+
+    #[test]
+    fn loads_and_stores_round_trip_every_type() {
+        fn rt<L: Lanes<F = f32>>(l: L) {
+            let src: Vec<f32> = (0..L::N).map(|i| i as f32 * 0.37 - 1.5).collect();
+            let h: Vec<half::f16> = src.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let b: Vec<half::bf16> = src.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            let mut h2 = h.clone();
+            let mut b2 = b.clone();
+            l.store(l.load(&h), &mut h2);
+            l.store(l.load(&b), &mut b2);
+            assert_eq!(h, h2);
+            assert_eq!(b, b2);
+            // rounding of a value between two bf16 numbers: nearest-even
+            let x = vec![1.0f32 + 3.0 * f32::EPSILON * 1024.0; L::N];
+            let mut out = vec![half::bf16::ZERO; L::N];
+            l.store(l.load(&x), &mut out);
+            assert_eq!(out[0], half::bf16::from_f32(x[0]));
+            let mut out = vec![half::f16::ZERO; L::N];
+            l.store(l.load(&x), &mut out);
+            assert_eq!(out[0], half::f16::from_f32(x[0]));
+        }
+        rt(ScalarF32);
+        #[cfg(target_arch = "x86_64")]
+        {
+            struct T;
+            impl Task<f32> for T {
+                type Output = ();
+                fn run<L: Lanes<F = f32>>(self, l: L) {
+                    rt(l)
+                }
+            }
+            if let Some(l) = Avx2::new() {
+                avx2::run(T, l);
+            }
+            if let Some(l) = Avx512::new() {
+                avx512::run(T, l);
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The thread pool every parallel kernel runs on.
+//!
+//! Work is always split into chunks whose boundaries depend on the problem's
+//! shape only, and partial results are combined in chunk order, so the number
+//! of threads changes the speed and never the bits of a result.
+
+use crate::error::CeError;
+use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::sync::{Arc, RwLock};
+
+static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+
+fn default_threads() -> usize {
+    std::env::var("FUSEDCE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+fn build(n: usize) -> Result<Arc<ThreadPool>, CeError> {
+    ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("fusedce-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| CeError::Resource(format!("could not start {n} worker threads: {e}")))
+}
+
+/// The pool, built on first use with `FUSEDCE_NUM_THREADS` threads (or one per
+/// available core).
+pub fn pool() -> Result<Arc<ThreadPool>, CeError> {
+    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return Ok(p.clone());
+    }
+    let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = guard.as_ref() {
+        return Ok(p.clone());
+    }
+    let p = build(default_threads())?;
+    *guard = Some(p.clone());
+    Ok(p)
+}
+
+/// Replaces the pool with one of `n` threads (`n >= 1`). Calls already running
+/// finish on the old pool.
+pub fn set_num_threads(n: usize) -> Result<(), CeError> {
+    let p = build(n.max(1))?;
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    Ok(())
+}
+
+pub fn num_threads() -> Result<usize, CeError> {
+    Ok(pool()?.current_num_threads())
+}

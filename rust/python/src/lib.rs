@@ -1,0 +1,298 @@
+//! `fusedce._native`: the Python face of fusedce-core.
+//!
+//! Thin by design: it borrows numpy buffers, releases the GIL while the core
+//! computes, and turns core errors into Python exceptions. Shapes, dtypes and
+//! defaults are decided in the Python package (`python/fusedce`); the core
+//! re-validates every size, so a wrong call here raises instead of crashing.
+
+use fusedce_core::{self as core, CeError, Elem};
+use half::slice::HalfBitsSliceExt;
+use half::{bf16, f16};
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
+use pyo3::exceptions::{PyIndexError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+fn to_py(e: CeError) -> PyErr {
+    match e {
+        CeError::TargetOutOfBounds { .. } => PyIndexError::new_err(e.to_string()),
+        CeError::Invalid { .. } => PyValueError::new_err(e.to_string()),
+        CeError::Resource(_) => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// A numpy element type and the core element type its buffer holds.
+trait Storage: Elem {
+    type Np: numpy::Element;
+    fn view(s: &[Self::Np]) -> &[Self];
+    fn view_mut(s: &mut [Self::Np]) -> &mut [Self];
+}
+
+impl Storage for f32 {
+    type Np = f32;
+    fn view(s: &[f32]) -> &[f32] {
+        s
+    }
+    fn view_mut(s: &mut [f32]) -> &mut [f32] {
+        s
+    }
+}
+impl Storage for f64 {
+    type Np = f64;
+    fn view(s: &[f64]) -> &[f64] {
+        s
+    }
+    fn view_mut(s: &mut [f64]) -> &mut [f64] {
+        s
+    }
+}
+impl Storage for f16 {
+    type Np = u16;
+    fn view(s: &[u16]) -> &[f16] {
+        s.reinterpret_cast()
+    }
+    fn view_mut(s: &mut [u16]) -> &mut [f16] {
+        s.reinterpret_cast_mut()
+    }
+}
+impl Storage for bf16 {
+    type Np = u16;
+    fn view(s: &[u16]) -> &[bf16] {
+        s.reinterpret_cast()
+    }
+    fn view_mut(s: &mut [u16]) -> &mut [bf16] {
+        s.reinterpret_cast_mut()
+    }
+}
+
+fn array<'py, E: numpy::Element>(
+    arg: &'static str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<E>>> {
+    obj.cast::<PyArrayDyn<E>>().map(|a| a.clone()).map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg}: expected a numpy array of {}, got {}",
+            std::any::type_name::<E>(),
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "?".into())
+        ))
+    })
+}
+
+fn contiguous<'a, E: numpy::Element>(
+    arg: &str,
+    a: &'a PyReadonlyArrayDyn<'_, E>,
+) -> PyResult<&'a [E]> {
+    a.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{arg}: expected a C-contiguous array")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ce_typed<T: Storage>(
+    py: Python<'_>,
+    input: &Bound<'_, PyAny>,
+    batch: usize,
+    classes: usize,
+    spatial: usize,
+    target_index: Option<&Bound<'_, PyAny>>,
+    target_probs: Option<&Bound<'_, PyAny>>,
+    weight: Option<&Bound<'_, PyAny>>,
+    ignore_index: i64,
+    reduction: core::Reduction,
+    label_smoothing: f64,
+    grad_output: Option<f64>,
+    grad_output_array: Option<&Bound<'_, PyAny>>,
+    grad_mode: &str,
+    grad_out: Option<&Bound<'_, PyAny>>,
+    losses: Option<&Bound<'_, PyAny>>,
+) -> PyResult<f64> {
+    let idx = target_index
+        .map(|t| array::<i64>("target", t))
+        .transpose()?;
+    let idx = idx.as_ref().map(|a| a.readonly());
+    let probs = target_probs
+        .map(|t| array::<T::Np>("target", t))
+        .transpose()?;
+    let probs = probs.as_ref().map(|a| a.readonly());
+    let targets = match (&idx, &probs) {
+        (Some(i), None) => core::Targets::Index(contiguous("target", i)?),
+        (None, Some(p)) => core::Targets::Probs(T::view(contiguous("target", p)?)),
+        _ => {
+            return Err(PyValueError::new_err(
+                "target: pass exactly one of class indices or probabilities",
+            ))
+        }
+    };
+    let w = weight.map(|w| array::<f64>("weight", w)).transpose()?;
+    let w = w.as_ref().map(|a| a.readonly());
+    let w = w.as_ref().map(|a| contiguous("weight", a)).transpose()?;
+    let go = grad_output_array
+        .map(|g| array::<f64>("grad_output", g))
+        .transpose()?;
+    let go = go.as_ref().map(|a| a.readonly());
+    let go = match go
+        .as_ref()
+        .map(|a| contiguous("grad_output", a))
+        .transpose()?
+    {
+        Some(g) => core::GradOutput::PerSample(g),
+        None => core::GradOutput::Scalar(grad_output.unwrap_or(1.0)),
+    };
+    let problem = core::CrossEntropy {
+        batch,
+        classes,
+        spatial,
+        targets,
+        weight: w,
+        ignore_index,
+        reduction,
+        label_smoothing,
+    };
+    let losses = losses.map(|l| array::<T::Np>("loss", l)).transpose()?;
+    let mut losses = losses
+        .as_ref()
+        .map(|a| a.try_readwrite())
+        .transpose()
+        .map_err(|e| PyValueError::new_err(format!("loss: {e}")))?;
+    let losses = losses
+        .as_mut()
+        .map(|a| a.as_slice_mut().map(T::view_mut))
+        .transpose()
+        .map_err(|_| PyValueError::new_err("loss: expected a C-contiguous array"))?;
+
+    let x = array::<T::Np>("input", input)?;
+    let run = |logits: core::Logits<'_, T>| {
+        py.detach(move || core::cross_entropy(&problem, logits, go, losses))
+            .map_err(to_py)
+    };
+    match grad_mode {
+        "none" => {
+            let x = x.readonly();
+            run(core::Logits::Forward(T::view(contiguous("input", &x)?)))
+        }
+        "separate" => {
+            let g = array::<T::Np>(
+                "grad_out",
+                grad_out.ok_or_else(|| PyValueError::new_err("grad_out: missing"))?,
+            )?;
+            let x = x.readonly();
+            let mut g = g
+                .try_readwrite()
+                .map_err(|e| PyValueError::new_err(format!("grad_out: {e}")))?;
+            let g = g
+                .as_slice_mut()
+                .map_err(|_| PyValueError::new_err("grad_out: expected a C-contiguous array"))?;
+            run(core::Logits::Grad(
+                T::view(contiguous("input", &x)?),
+                T::view_mut(g),
+            ))
+        }
+        "inplace" => {
+            let mut x = x.try_readwrite().map_err(|e| {
+                PyValueError::new_err(format!("input: cannot write the gradient in place: {e}"))
+            })?;
+            let x = x.as_slice_mut().map_err(|_| {
+                PyValueError::new_err("input: in-place gradient needs a C-contiguous array")
+            })?;
+            run(core::Logits::InPlace(T::view_mut(x)))
+        }
+        other => Err(PyValueError::new_err(format!(
+            "grad_mode: expected 'none', 'separate' or 'inplace', got {other:?}"
+        ))),
+    }
+}
+
+/// Fused softmax cross-entropy on C-contiguous buffers laid out
+/// `(batch, classes, spatial)`. See `fusedce.cross_entropy` for the public API.
+/// Returns the reduced loss (NaN for `reduction='none'`, whose losses go to
+/// `losses`).
+#[pyfunction]
+#[pyo3(signature = (input, dtype, batch, classes, spatial, target_index, target_probs, weight,
+                    ignore_index, reduction, label_smoothing, grad_output, grad_output_array,
+                    grad_mode, grad_out, losses))]
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy(
+    py: Python<'_>,
+    input: &Bound<'_, PyAny>,
+    dtype: &str,
+    batch: usize,
+    classes: usize,
+    spatial: usize,
+    target_index: Option<&Bound<'_, PyAny>>,
+    target_probs: Option<&Bound<'_, PyAny>>,
+    weight: Option<&Bound<'_, PyAny>>,
+    ignore_index: i64,
+    reduction: &str,
+    label_smoothing: f64,
+    grad_output: Option<f64>,
+    grad_output_array: Option<&Bound<'_, PyAny>>,
+    grad_mode: &str,
+    grad_out: Option<&Bound<'_, PyAny>>,
+    losses: Option<&Bound<'_, PyAny>>,
+) -> PyResult<f64> {
+    let reduction: core::Reduction = reduction.parse().map_err(to_py)?;
+    macro_rules! go {
+        ($t:ty) => {
+            ce_typed::<$t>(
+                py,
+                input,
+                batch,
+                classes,
+                spatial,
+                target_index,
+                target_probs,
+                weight,
+                ignore_index,
+                reduction,
+                label_smoothing,
+                grad_output,
+                grad_output_array,
+                grad_mode,
+                grad_out,
+                losses,
+            )
+        };
+    }
+    match dtype {
+        "float32" => go!(f32),
+        "float64" => go!(f64),
+        "float16" => go!(f16),
+        "bfloat16" => go!(bf16),
+        other => Err(PyTypeError::new_err(format!(
+            "input: unsupported dtype {other}; expected float32, float64, float16 or bfloat16"
+        ))),
+    }
+}
+
+/// Sets the number of worker threads (>= 1) used by every later call.
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    if n == 0 {
+        return Err(PyValueError::new_err(
+            "n: expected a positive number of threads, got 0",
+        ));
+    }
+    core::threads::set_num_threads(n).map_err(to_py)
+}
+
+/// The number of worker threads.
+#[pyfunction]
+fn get_num_threads() -> PyResult<usize> {
+    core::threads::num_threads().map_err(to_py)
+}
+
+/// The SIMD instruction set the kernels run on ("avx512", "avx2+fma", "scalar").
+#[pyfunction]
+fn simd_level() -> &'static str {
+    core::simd::level().name()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    Ok(())
+}

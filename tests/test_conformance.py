@@ -1,0 +1,73 @@
+"""Every cross_entropy case of the shared corpus, on the CPU path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusedce
+from conformance import ERRORS, assert_close, cases, load
+
+CE = cases("cross_entropy")
+
+
+def test_corpus_is_complete():
+    assert len(CE) == 140
+    assert len(cases("linear_cross_entropy")) == 43
+
+
+@pytest.mark.parametrize("case", CE, ids=[c["id"] for c in CE])
+def test_cross_entropy_case(case):
+    kw = dict(case["kwargs"])
+    kw.pop("weight", None)
+    x = load(case["input"])
+    t = load(case["target"])
+    w = load(case["weight"]) if "weight" in case else None
+    dtype = case["input"]["dtype"]
+    if "error" in case:
+        with pytest.raises(ERRORS[case["error"]]) as info:
+            fusedce.cross_entropy(x, t, w, **kw)
+        assert str(info.value)
+        return
+    go = load(case["grad_output"]) if "grad_output" in case else None
+    x_before = x.copy()
+    if "grad_input" in case:
+        loss, grad = fusedce.cross_entropy(x, t, w, **kw, return_grad=True, grad_output=go)
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        assert_close("grad_input", grad, load(case["grad_input"]), dtype)
+        # the same loss from a forward-only call
+        assert_close("loss (forward only)", fusedce.cross_entropy(x, t, w, **kw), load(case["loss"]), dtype)
+        # and the same gradient written in place over a copy of the logits
+        xi = x.copy()
+        _, gi = fusedce.cross_entropy(xi, t, w, **kw, return_grad=True, grad_output=go, grad_out=xi)
+        assert gi is xi
+        np.testing.assert_array_equal(gi.view(np.uint8), grad.view(np.uint8))
+    else:
+        loss = fusedce.cross_entropy(x, t, w, **kw)
+    assert loss.dtype == x.dtype
+    assert_close("loss", loss, load(case["loss"]), dtype)
+    np.testing.assert_array_equal(x.view(np.uint8), x_before.view(np.uint8))
+
+
+@pytest.mark.skipif(os.environ.get("FUSEDCE_SIMD") == "scalar", reason="already the scalar run")
+def test_corpus_on_scalar_kernels():
+    """The portable kernels (used on CPUs without AVX2) pass the corpus too."""
+    env = dict(os.environ, FUSEDCE_SIMD="scalar")
+    here = os.path.dirname(__file__)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(here, "test_conformance.py"),
+         "-k", "test_cross_entropy_case or test_simd_level_is_capped"],
+        env=env, capture_output=True, text=True, cwd=here,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_simd_level_is_capped():
+    if os.environ.get("FUSEDCE_SIMD") == "scalar":
+        assert fusedce.simd_level() == "scalar"
+    else:
+        assert fusedce.simd_level() in ("scalar", "avx2+fma", "avx512")
