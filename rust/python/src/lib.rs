@@ -68,7 +68,7 @@ fn array<'py, E: numpy::Element>(
     arg: &'static str,
     obj: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArrayDyn<E>>> {
-    obj.cast::<PyArrayDyn<E>>().map(|a| a.clone()).map_err(|_| {
+    obj.cast::<PyArrayDyn<E>>().cloned().map_err(|_| {
         PyTypeError::new_err(format!(
             "{arg}: expected a numpy array of {}, got {}",
             std::any::type_name::<E>(),

@@ -62,6 +62,7 @@ pub(crate) enum SampleTarget<F> {
 /// are known. Returns `(loss, k1)` where the gradient is
 /// `exp(x - m) * k1 - scale * (weighted smoothed target)`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn finish<F: Real>(
     k: &Consts<F>,
     t: SampleTarget<F>,

@@ -190,7 +190,7 @@ pub(crate) const EXP_P1: f32 = 1.398_199_9e-3;
 pub(crate) const EXP_P2: f32 = 8.333_452e-3;
 pub(crate) const EXP_P3: f32 = 4.166_579_6e-2;
 pub(crate) const EXP_P4: f32 = 1.666_666_5e-1;
-pub(crate) const EXP_P5: f32 = 5.000_000_1e-1;
+pub(crate) const EXP_P5: f32 = 0.5;
 
 #[cfg(test)]
 mod tests {
