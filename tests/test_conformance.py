@@ -60,7 +60,7 @@ def test_corpus_on_scalar_kernels():
     here = os.path.dirname(__file__)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(here, "test_conformance.py"),
-         "-k", "test_cross_entropy_case or test_simd_level_is_capped"],
+         "-k", "test_cross_entropy_case or test_linear_cross_entropy_case or test_simd_level_is_capped"],
         env=env, capture_output=True, text=True, cwd=here,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -71,3 +71,50 @@ def test_simd_level_is_capped():
         assert fusedce.simd_level() == "scalar"
     else:
         assert fusedce.simd_level() in ("scalar", "avx2+fma", "avx512")
+
+
+LCE = cases("linear_cross_entropy")
+
+
+def _lce_args(case):
+    kw = dict(case["kwargs"])
+    kw.pop("weight", None)
+    args = dict(
+        input=load(case["input"]),
+        linear_weight=load(case["linear_weight"]),
+        target=load(case["target"]),
+    )
+    if "linear_bias" in case:
+        kw["linear_bias"] = load(case["linear_bias"])
+    if "weight" in case:
+        kw["weight"] = load(case["weight"])
+    return args, kw
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+@pytest.mark.parametrize("case", LCE, ids=[c["id"] for c in LCE])
+def test_linear_cross_entropy_case(case, chunk):
+    args, kw = _lce_args(case)
+    if chunk is not None:
+        kw["options"] = fusedce.LinearCrossEntropyOptions(batch_chunk_size=chunk)
+    dtype = case["input"]["dtype"]
+    if "error" in case:
+        with pytest.raises(ERRORS[case["error"]]) as info:
+            fusedce.linear_cross_entropy(**args, **kw)
+        # the same problem, named as PyTorch names it
+        assert case["message"] in str(info.value)
+        return
+    go = load(case["grad_output"]) if "grad_output" in case else None
+    loss, grads = fusedce.linear_cross_entropy(**args, **kw, return_grad=True, grad_output=go)
+    assert loss.dtype == args["input"].dtype
+    assert_close("loss", loss, load(case["loss"]), dtype)
+    assert_close("grad_input", grads.input, load(case["grad_input"]), dtype)
+    assert_close("grad_linear_weight", grads.linear_weight, load(case["grad_linear_weight"]), dtype)
+    if "grad_linear_bias" in case:
+        assert_close("grad_linear_bias", grads.linear_bias, load(case["grad_linear_bias"]), dtype)
+    else:
+        assert grads.linear_bias is None
+    for g, a in ((grads.input, args["input"]), (grads.linear_weight, args["linear_weight"])):
+        assert g.shape == a.shape and g.dtype == a.dtype
+    # forward only: the same loss
+    assert_close("loss (forward only)", fusedce.linear_cross_entropy(**args, **kw), load(case["loss"]), dtype)

@@ -1,4 +1,4 @@
-"""fusedce: fused softmax cross-entropy (and its gradient) with PyTorch's
+"""fusedce: fused softmax cross-entropy and linear cross-entropy (and their gradients) with PyTorch's
 semantics, over numpy arrays, on a SIMD multithreaded Rust core.
 
     >>> import numpy as np, fusedce
@@ -9,12 +9,17 @@ semantics, over numpy arrays, on a SIMD multithreaded Rust core.
 from __future__ import annotations
 
 from . import _native
-from .functional import cross_entropy
-from .modules import CrossEntropyLoss
+from .functional import LinearCrossEntropyGrads, cross_entropy, linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from .options import LinearCrossEntropyOptions
 
 __all__ = [
     "cross_entropy",
     "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyGrads",
+    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyOptions",
     "set_num_threads",
     "get_num_threads",
     "simd_level",

@@ -1,14 +1,15 @@
-"""The functional API: ``cross_entropy``."""
+"""The functional API: ``cross_entropy`` and ``linear_cross_entropy``."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Tuple, Union, overload
+from typing import Any, Literal, NamedTuple, Optional, Tuple, Union, overload
 
 import numpy as np
 
 from . import _native
 from ._arrays import as_array, float_kind, is_floating, native_view, shape_str
+from .options import LinearCrossEntropyOptions
 
 Reduction = Literal["none", "mean", "sum"]
 _REDUCTIONS = ("none", "mean", "sum")
@@ -48,13 +49,14 @@ class _Targets:
     """Class indices (int64) or probabilities (input dtype), told apart by
     PyTorch's rule: a target of the input's shape holds probabilities."""
 
-    def __init__(self, target: Any, x: np.ndarray, ignore_index: int) -> None:
+    def __init__(self, target: Any, x: Any, ignore_index: int) -> None:
+        # x: the logits, or anything with their .shape and .dtype
         t = as_array("target", target)
         self.index: Optional[np.ndarray] = None
         self.probs: Optional[np.ndarray] = None
-        unbatched = x.ndim == 1
-        index_shape = () if unbatched else (x.shape[0],) + x.shape[2:]
-        if t.shape == x.shape and is_floating(t):
+        unbatched = len(x.shape) == 1
+        index_shape = () if unbatched else (x.shape[0],) + tuple(x.shape[2:])
+        if t.shape == tuple(x.shape) and is_floating(t):
             if ignore_index >= 0:
                 raise ValueError(
                     f"ignore_index: is not supported for class-probability targets, got {ignore_index}"
@@ -253,3 +255,180 @@ def cross_entropy(
     if not return_grad:
         return loss
     return loss, (x if mode == "inplace" else grad)
+
+
+class LinearCrossEntropyGrads(NamedTuple):
+    """Gradients of :func:`linear_cross_entropy`'s loss, each of the shape and
+    dtype of what it differentiates (``linear_bias`` is None without a bias)."""
+
+    input: np.ndarray
+    linear_weight: np.ndarray
+    linear_bias: Optional[np.ndarray]
+
+
+def _same_dtype(arg: str, a: np.ndarray, dtype: np.dtype) -> None:
+    if a.dtype != dtype:
+        raise TypeError(
+            f"{arg}: expected dtype {dtype} (the input's), got {a.dtype}; convert it once "
+            f"yourself (fusedce does not silently copy a weight-sized array)"
+        )
+
+
+@overload
+def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = ...,
+                         weight: Any = ..., reduction: Reduction = ..., ignore_index: Optional[int] = ...,
+                         label_smoothing: float = ..., options: Optional[LinearCrossEntropyOptions] = ...,
+                         return_grad: Literal[False] = ..., grad_output: Any = ...,
+                         device: str = ...) -> np.ndarray: ...
+@overload
+def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = ...,
+                         weight: Any = ..., reduction: Reduction = ..., ignore_index: Optional[int] = ...,
+                         label_smoothing: float = ..., options: Optional[LinearCrossEntropyOptions] = ...,
+                         return_grad: Literal[True], grad_output: Any = ...,
+                         device: str = ...) -> Tuple[np.ndarray, LinearCrossEntropyGrads]: ...
+
+
+def linear_cross_entropy(
+    input: Any,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = None,
+    weight: Any = None,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options: Optional[LinearCrossEntropyOptions] = None,
+    return_grad: bool = False,
+    grad_output: Any = None,
+    device: str = "cpu",
+) -> Union[np.ndarray, Tuple[np.ndarray, LinearCrossEntropyGrads]]:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target)`` with the
+    semantics of ``torch.nn.functional.linear_cross_entropy``, fused and chunked:
+    the ``N x C`` logits never exist, only ``rows x C`` of them at a time (see
+    :class:`LinearCrossEntropyOptions`; ``options=None`` is chunked too).
+
+    Args:
+        input: ``(in_features,)`` or ``(N, in_features)``; float32, float64,
+            float16 or bfloat16. Half inputs compute in float32.
+        linear_weight: ``(C, in_features)``, or ``(C, d1, ..., dK, in_features)``
+            for a K-dimensional loss (needs a batched input); the input's dtype.
+        target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``,
+            or class probabilities of the logits' shape ``(C,)``, ``(N, C)`` or
+            ``(N, C, d1, ..., dK)`` (PyTorch's rule: same shape as the logits).
+        linear_bias: ``(C,)`` or ``(C, d1, ..., dK)``, or None.
+        weight: per-class weights ``(C,)``, or None.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``, as in :func:`cross_entropy`.
+        ignore_index: None (meaning -100 for class indices); must be None for
+            probability targets.
+        label_smoothing: in ``[0, 1]``.
+        options: chunking and precision, or None for the defaults.
+        return_grad: also return the gradients of the loss w.r.t. input,
+            linear_weight and linear_bias.
+        grad_output: upstream gradient (a scalar for mean/sum, the loss's shape
+            for ``"none"``; default ones).
+        device: ``"cpu"`` (or ``"auto"``).
+
+    Returns:
+        ``loss`` (the input's dtype; 0-d for mean/sum, ``()``/``(N,)``/
+        ``(N, d1..dK)`` for ``"none"``), or ``(loss, LinearCrossEntropyGrads)``.
+
+    Memory beyond the inputs and the returned arrays: one logits chunk; for
+    half inputs also a float32 copy of ``linear_weight`` and, with gradients,
+    a float32 accumulator of its gradient.
+
+    Raises:
+        IndexError: a class index out of range.
+        ValueError: shapes or values that do not fit (PyTorch's RuntimeErrors).
+        TypeError: unsupported or mismatched dtypes.
+    """
+    _check_device(device)
+    _check_common(reduction, label_smoothing)
+    if options is None:
+        options = _DEFAULT_OPTIONS
+    elif not isinstance(options, LinearCrossEntropyOptions):
+        raise TypeError(
+            f"options: expected a fusedce.LinearCrossEntropyOptions or None, got {type(options).__name__}"
+        )
+    x = as_array("input", input)
+    kind = float_kind("input", x)
+    if x.ndim < 1 or x.ndim > 2:
+        raise ValueError(f"input: expected input with dimensionality 1 or 2, got {x.ndim}")
+    w = as_array("linear_weight", linear_weight)
+    if w.ndim < 2:
+        raise ValueError(f"linear_weight: expected linear_weight with dimensionality at least 2, got {w.ndim}")
+    in_features = x.shape[-1]
+    if in_features != w.shape[-1]:
+        raise ValueError(
+            "linear_weight: expected equal input and linear_weight last dimensions (in_features), "
+            f"got {in_features} and {w.shape[-1]}, respectively"
+        )
+    _same_dtype("linear_weight", w, x.dtype)
+    classes = w.shape[0]
+    out_features = tuple(w.shape[1:-1])
+    b = None
+    if linear_bias is not None:
+        b = as_array("linear_bias", linear_bias)
+        if b.shape != (classes, *out_features):
+            raise ValueError(
+                f"linear_bias: expected linear_bias shape {(classes, *out_features)}, got {tuple(b.shape)}"
+            )
+        _same_dtype("linear_bias", b, x.dtype)
+    unbatched = x.ndim == 1
+    if out_features and unbatched:
+        raise ValueError(
+            f"input: K-dimensional loss defined by linear_weight shape {tuple(w.shape)} requires"
+            f" batched input, (N, {in_features}), got unbatched input with shape {tuple(x.shape)}"
+        )
+    if classes == 0:
+        raise ValueError(f"linear_weight: expected at least one class, got shape {shape_str(w.shape)}")
+    batch = 1 if unbatched else x.shape[0]
+    logits_shape = ((classes,) if unbatched else (batch, classes)) + out_features
+    t_arr = as_array("target", target)
+    is_probs = t_arr.shape == logits_shape
+    if is_probs and ignore_index is not None:
+        raise ValueError("ignore_index: ignore_index cannot be specified when target contains probabilities")
+    ii = -100 if ignore_index is None else int(ignore_index)
+    targets = _Targets(t_arr, _Shape(logits_shape, x.dtype), ii)
+    cw = _weight_array(weight, classes)
+    spatial = math.prod(out_features)
+    loss_shape: tuple = () if unbatched else (batch,) + out_features
+    g_scalar, g_array = _grad_output(grad_output, reduction, loss_shape)
+
+    g_dtype = options.compute_dtype(x.dtype)
+    rows = options.chunk_rows(batch, in_features, classes, classes * spatial * g_dtype.itemsize)
+
+    xc = np.ascontiguousarray(x)
+    wc = np.ascontiguousarray(w)
+    bc = None if b is None else np.ascontiguousarray(b)
+    losses = np.empty(loss_shape, dtype=x.dtype) if reduction == "none" else None
+    grads = None
+    if return_grad:
+        grads = LinearCrossEntropyGrads(
+            np.empty(x.shape, dtype=x.dtype),
+            np.empty(w.shape, dtype=x.dtype),
+            None if b is None else np.empty(b.shape, dtype=x.dtype),
+        )
+    value = _native.linear_cross_entropy(
+        native_view(xc), native_view(wc), None if bc is None else native_view(bc),
+        kind, batch, in_features, classes, spatial,
+        targets.index, None if targets.probs is None else native_view(targets.probs),
+        cw, ii, reduction, float(label_smoothing),
+        g_scalar, g_array, rows, g_dtype == np.float64 and x.dtype != np.float64,
+        None if grads is None else native_view(grads.input),
+        None if grads is None else native_view(grads.linear_weight),
+        None if grads is None or grads.linear_bias is None else native_view(grads.linear_bias),
+        None if losses is None else native_view(losses),
+    )
+    loss = losses if losses is not None else np.asarray(value, dtype=x.dtype)
+    if grads is None:
+        return loss
+    return loss, grads
+
+
+class _Shape(NamedTuple):
+    shape: tuple
+    dtype: np.dtype
+
+
+_DEFAULT_OPTIONS = LinearCrossEntropyOptions()

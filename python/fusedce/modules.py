@@ -6,7 +6,16 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .functional import Reduction, _check_common, _weight_array, cross_entropy
+from ._arrays import float_kind
+from .functional import (
+    LinearCrossEntropyGrads,
+    Reduction,
+    _check_common,
+    _weight_array,
+    cross_entropy,
+    linear_cross_entropy,
+)
+from .options import LinearCrossEntropyOptions
 
 
 class CrossEntropyLoss:
@@ -61,4 +70,97 @@ class CrossEntropyLoss:
             f"CrossEntropyLoss(weight={'None' if self.weight is None else f'<{self.weight.shape[0]} classes>'}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing})"
+        )
+
+
+class LinearCrossEntropyLoss:
+    """``torch.nn.LinearCrossEntropyLoss`` over numpy: a linear head (held here)
+    followed by cross-entropy, computed by :func:`fusedce.linear_cross_entropy`.
+
+    Attributes:
+        linear_weight: ``(num_classes, *out_features, in_features)``, initialised
+            as ``torch.nn.Linear`` does: uniform in ``[-1/sqrt(in_features),
+            1/sqrt(in_features)]``.
+        linear_bias: ``(num_classes, *out_features)`` (same bound) or None.
+
+    Both are plain numpy arrays: update them in place (``m.linear_weight -= lr
+    * grads.linear_weight``) or assign new arrays of the same shape and dtype.
+
+    ``loss_fn(input, target)`` returns the loss; ``loss_fn.value_and_grad(input,
+    target)`` returns ``(loss, LinearCrossEntropyGrads(input, linear_weight,
+    linear_bias))``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: Tuple[int, ...] = (),
+        bias: bool = False,
+        dtype: Any = np.float32,
+        reduction: Reduction = "mean",
+        weight: Any = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        options: Optional[LinearCrossEntropyOptions] = None,
+        seed: Optional[int] = None,
+        device: str = "cpu",
+    ) -> None:
+        for name, v in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        out_features = tuple(int(d) for d in out_features)
+        if any(d < 0 for d in out_features):
+            raise ValueError(f"out_features: expected non-negative sizes, got {out_features}")
+        dt = np.dtype(dtype)
+        float_kind("dtype", np.empty(0, dtype=dt))
+        _check_common(reduction, label_smoothing)
+        if weight is not None and np.shape(weight) != (num_classes,):
+            raise ValueError(f"weight: expected weight shape to be {(num_classes,)}, got {np.shape(weight)}")
+        if options is not None and not isinstance(options, LinearCrossEntropyOptions):
+            raise TypeError(f"options: expected LinearCrossEntropyOptions or None, got {type(options).__name__}")
+        self.in_features = int(in_features)
+        self.num_classes = int(num_classes)
+        self.out_features = out_features
+        self.reduction: Reduction = reduction
+        self.weight = None if weight is None else _weight_array(weight, num_classes)
+        self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+        self.options = options
+        self.device = device
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / np.sqrt(in_features) if in_features > 0 else 0.0
+        shape = (self.num_classes, *out_features)
+        self.linear_weight: np.ndarray = rng.uniform(-bound, bound, size=shape + (self.in_features,)).astype(dt)
+        self.linear_bias: Optional[np.ndarray] = (
+            rng.uniform(-bound, bound, size=shape).astype(dt) if bias else None
+        )
+
+    def _kwargs(self) -> dict:
+        return dict(
+            linear_bias=self.linear_bias, weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            options=self.options, device=self.device,
+        )
+
+    def __call__(self, input: Any, target: Any) -> np.ndarray:
+        """Loss of ``input`` (``(in_features,)`` or ``(N, in_features)``) against ``target``."""
+        return linear_cross_entropy(input, self.linear_weight, target, **self._kwargs())
+
+    def value_and_grad(
+        self, input: Any, target: Any, *, grad_output: Any = None
+    ) -> Tuple[np.ndarray, LinearCrossEntropyGrads]:
+        """``(loss, LinearCrossEntropyGrads(input, linear_weight, linear_bias))``
+        from one fused pass; gradients have the shapes of what they differentiate."""
+        return linear_cross_entropy(
+            input, self.linear_weight, target, return_grad=True, grad_output=grad_output, **self._kwargs()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LinearCrossEntropyLoss(in_features={self.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear_bias is not None}, "
+            f"dtype={self.linear_weight.dtype}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, options={self.options})"
         )

@@ -1,4 +1,5 @@
-//! fusedce-core: fused softmax cross-entropy loss and gradient, with
+//! fusedce-core: fused softmax cross-entropy (and linear-then-cross-entropy)
+//! loss and gradient, with
 //! PyTorch's semantics, on SIMD lanes chosen at run time and a thread pool
 //! whose size never changes a result's bits.
 //!
@@ -7,10 +8,12 @@
 pub mod elem;
 pub mod error;
 mod kernels;
+pub mod linear_ce;
 pub mod simd;
 pub mod softmax_ce;
 pub mod threads;
 
 pub use elem::{Elem, ElemKind, Real};
 pub use error::CeError;
+pub use linear_ce::{linear_cross_entropy, LinearCrossEntropy, LinearGrads};
 pub use softmax_ce::{cross_entropy, CrossEntropy, GradOutput, Logits, Reduction, Targets};

@@ -120,23 +120,6 @@ where
         }
         Logits::InPlace(x) => check_len("input", x.len(), numel, "N * C * d1..dK")?,
     }
-    if !(0.0..=1.0).contains(&p.label_smoothing) {
-        return Err(CeError::invalid(
-            "label_smoothing",
-            format!("must be between 0.0 and 1.0, got {}", p.label_smoothing),
-        ));
-    }
-    if let Some(w) = p.weight {
-        if w.len() != c {
-            return Err(CeError::invalid(
-                "weight",
-                format!(
-                    "expected a weight for each of the {c} classes, got shape ({},)",
-                    w.len()
-                ),
-            ));
-        }
-    }
     match (p.reduction, &losses) {
         (Reduction::None, Some(l)) => check_len("loss", l.len(), samples, "one per sample")?,
         (Reduction::None, None) => {
@@ -157,43 +140,7 @@ where
         check_len("grad_output", g.len(), samples, "the loss's shape")?;
     }
 
-    // Targets: range check and the mean's denominator, before any write.
-    let denom = match p.targets {
-        Targets::Index(t) => {
-            check_len("target", t.len(), samples, "N * d1..dK class indices")?;
-            let mut total = 0.0f64;
-            for (i, &y) in t.iter().enumerate() {
-                if y == p.ignore_index {
-                    continue;
-                }
-                if y < 0 || y as u64 >= c as u64 {
-                    return Err(CeError::TargetOutOfBounds {
-                        position: i,
-                        value: y,
-                        classes: c,
-                        ignore_index: p.ignore_index,
-                    });
-                }
-                total += p.weight.map_or(1.0, |w| w[y as usize]);
-            }
-            total
-        }
-        Targets::Probs(t) => {
-            check_len(
-                "target",
-                t.len(),
-                numel,
-                "class probabilities of the input's shape",
-            )?;
-            if p.ignore_index >= 0 {
-                return Err(CeError::invalid(
-                    "ignore_index",
-                    "is not supported for class-probability targets",
-                ));
-            }
-            samples as f64
-        }
-    };
+    let denom = validate_problem(p)?;
     let g_scalar = match grad_output {
         GradOutput::Scalar(g) => g,
         GradOutput::PerSample(_) => 1.0,
@@ -238,6 +185,76 @@ where
         Reduction::Mean => total / denom,
         Reduction::Sum => total,
         Reduction::None => f64::NAN,
+    })
+}
+
+/// Checks everything about a problem that does not depend on the buffers:
+/// classes, label smoothing, weight, the targets (lengths, index range,
+/// `ignore_index` with probabilities). Returns the denominator of the
+/// `mean` reduction (summed target weights, or the sample count for
+/// probabilities), computed in a fixed order.
+pub(crate) fn validate_problem<T: Elem>(p: &CrossEntropy<'_, T>) -> Result<f64, CeError> {
+    let (c, samples) = (p.classes, p.batch * p.spatial);
+    if c == 0 {
+        return Err(CeError::invalid(
+            "input",
+            "expected at least one class, got C = 0",
+        ));
+    }
+    let numel = samples * c;
+    if !(0.0..=1.0).contains(&p.label_smoothing) {
+        return Err(CeError::invalid(
+            "label_smoothing",
+            format!("must be between 0.0 and 1.0, got {}", p.label_smoothing),
+        ));
+    }
+    if let Some(w) = p.weight {
+        if w.len() != c {
+            return Err(CeError::invalid(
+                "weight",
+                format!(
+                    "expected a weight for each of the {c} classes, got shape ({},)",
+                    w.len()
+                ),
+            ));
+        }
+    }
+    // Targets: range check and the mean's denominator, before any write.
+    Ok(match p.targets {
+        Targets::Index(t) => {
+            check_len("target", t.len(), samples, "N * d1..dK class indices")?;
+            let mut total = 0.0f64;
+            for (i, &y) in t.iter().enumerate() {
+                if y == p.ignore_index {
+                    continue;
+                }
+                if y < 0 || y as u64 >= c as u64 {
+                    return Err(CeError::TargetOutOfBounds {
+                        position: i,
+                        value: y,
+                        classes: c,
+                        ignore_index: p.ignore_index,
+                    });
+                }
+                total += p.weight.map_or(1.0, |w| w[y as usize]);
+            }
+            total
+        }
+        Targets::Probs(t) => {
+            check_len(
+                "target",
+                t.len(),
+                numel,
+                "class probabilities of the input's shape",
+            )?;
+            if p.ignore_index >= 0 {
+                return Err(CeError::invalid(
+                    "ignore_index",
+                    "is not supported for class-probability targets",
+                ));
+            }
+            samples as f64
+        }
     })
 }
 

@@ -265,6 +265,200 @@ fn cross_entropy(
     }
 }
 
+/// Borrows an optional array read-only (the guard must outlive the slice).
+fn ro<'py, E: numpy::Element>(
+    arg: &'static str,
+    obj: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<PyReadonlyArrayDyn<'py, E>>> {
+    obj.map(|o| array::<E>(arg, o).map(|a| a.readonly()))
+        .transpose()
+}
+
+/// Borrows an optional array for writing.
+fn rw<'py, E: numpy::Element>(
+    arg: &'static str,
+    obj: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<numpy::PyReadwriteArrayDyn<'py, E>>> {
+    obj.map(|o| {
+        array::<E>(arg, o)?
+            .try_readwrite()
+            .map_err(|e| PyValueError::new_err(format!("{arg}: {e}")))
+    })
+    .transpose()
+}
+
+fn slice_mut<'a, E: numpy::Element>(
+    arg: &str,
+    a: &'a mut numpy::PyReadwriteArrayDyn<'_, E>,
+) -> PyResult<&'a mut [E]> {
+    a.as_slice_mut()
+        .map_err(|_| PyValueError::new_err(format!("{arg}: expected a C-contiguous array")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lce_typed<T: Storage>(
+    py: Python<'_>,
+    input: &Bound<'_, PyAny>,
+    linear_weight: &Bound<'_, PyAny>,
+    linear_bias: Option<&Bound<'_, PyAny>>,
+    shape: (usize, usize, usize, usize),
+    target_index: Option<&Bound<'_, PyAny>>,
+    target_probs: Option<&Bound<'_, PyAny>>,
+    weight: Option<&Bound<'_, PyAny>>,
+    ignore_index: i64,
+    reduction: core::Reduction,
+    label_smoothing: f64,
+    grad_output: Option<f64>,
+    grad_output_array: Option<&Bound<'_, PyAny>>,
+    chunk_rows: usize,
+    acc_f64: bool,
+    grads: [Option<&Bound<'_, PyAny>>; 3],
+    losses: Option<&Bound<'_, PyAny>>,
+) -> PyResult<f64> {
+    let (batch, in_features, classes, spatial) = shape;
+    let x = array::<T::Np>("input", input)?.readonly();
+    let w = array::<T::Np>("linear_weight", linear_weight)?.readonly();
+    let b = ro::<T::Np>("linear_bias", linear_bias)?;
+    let idx = ro::<i64>("target", target_index)?;
+    let probs = ro::<T::Np>("target", target_probs)?;
+    let targets = match (&idx, &probs) {
+        (Some(i), None) => core::Targets::Index(contiguous("target", i)?),
+        (None, Some(p)) => core::Targets::Probs(T::view(contiguous("target", p)?)),
+        _ => {
+            return Err(PyValueError::new_err(
+                "target: pass exactly one of class indices or probabilities",
+            ))
+        }
+    };
+    let cw = ro::<f64>("weight", weight)?;
+    let go = ro::<f64>("grad_output", grad_output_array)?;
+    let go = match go
+        .as_ref()
+        .map(|a| contiguous("grad_output", a))
+        .transpose()?
+    {
+        Some(g) => core::GradOutput::PerSample(g),
+        None => core::GradOutput::Scalar(grad_output.unwrap_or(1.0)),
+    };
+    let problem = core::LinearCrossEntropy {
+        batch,
+        in_features,
+        classes,
+        spatial,
+        input: T::view(contiguous("input", &x)?),
+        linear_weight: T::view(contiguous("linear_weight", &w)?),
+        linear_bias: b
+            .as_ref()
+            .map(|b| contiguous("linear_bias", b).map(T::view))
+            .transpose()?,
+        targets,
+        weight: cw.as_ref().map(|a| contiguous("weight", a)).transpose()?,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        chunk_rows,
+        acc_f64,
+    };
+    let [gx, gw, gb] = grads;
+    let mut gx = rw::<T::Np>("grad_input", gx)?;
+    let mut gw = rw::<T::Np>("grad_linear_weight", gw)?;
+    let mut gb = rw::<T::Np>("grad_linear_bias", gb)?;
+    let grads = match (gx.as_mut(), gw.as_mut()) {
+        (Some(gx), Some(gw)) => Some(core::LinearGrads {
+            input: T::view_mut(slice_mut("grad_input", gx)?),
+            linear_weight: T::view_mut(slice_mut("grad_linear_weight", gw)?),
+            linear_bias: gb
+                .as_mut()
+                .map(|g| slice_mut("grad_linear_bias", g).map(T::view_mut))
+                .transpose()?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "grad_input: pass both grad_input and grad_linear_weight, or neither",
+            ))
+        }
+    };
+    let mut ls = rw::<T::Np>("loss", losses)?;
+    let ls = ls
+        .as_mut()
+        .map(|a| slice_mut("loss", a).map(T::view_mut))
+        .transpose()?;
+    py.detach(move || core::linear_cross_entropy(&problem, go, grads, ls))
+        .map_err(to_py)
+}
+
+/// Fused linear layer + softmax cross-entropy on C-contiguous buffers:
+/// input `(batch, in_features)`, linear_weight `(classes * spatial,
+/// in_features)`, bias `(classes * spatial,)`. Gradients are written when
+/// `grad_input` and `grad_linear_weight` are given. See
+/// `fusedce.linear_cross_entropy` for the public API.
+#[pyfunction]
+#[pyo3(signature = (input, linear_weight, linear_bias, dtype, batch, in_features, classes, spatial,
+                    target_index, target_probs, weight, ignore_index, reduction, label_smoothing,
+                    grad_output, grad_output_array, chunk_rows, acc_f64,
+                    grad_input, grad_linear_weight, grad_linear_bias, losses))]
+#[allow(clippy::too_many_arguments)]
+fn linear_cross_entropy(
+    py: Python<'_>,
+    input: &Bound<'_, PyAny>,
+    linear_weight: &Bound<'_, PyAny>,
+    linear_bias: Option<&Bound<'_, PyAny>>,
+    dtype: &str,
+    batch: usize,
+    in_features: usize,
+    classes: usize,
+    spatial: usize,
+    target_index: Option<&Bound<'_, PyAny>>,
+    target_probs: Option<&Bound<'_, PyAny>>,
+    weight: Option<&Bound<'_, PyAny>>,
+    ignore_index: i64,
+    reduction: &str,
+    label_smoothing: f64,
+    grad_output: Option<f64>,
+    grad_output_array: Option<&Bound<'_, PyAny>>,
+    chunk_rows: usize,
+    acc_f64: bool,
+    grad_input: Option<&Bound<'_, PyAny>>,
+    grad_linear_weight: Option<&Bound<'_, PyAny>>,
+    grad_linear_bias: Option<&Bound<'_, PyAny>>,
+    losses: Option<&Bound<'_, PyAny>>,
+) -> PyResult<f64> {
+    let reduction: core::Reduction = reduction.parse().map_err(to_py)?;
+    macro_rules! go {
+        ($t:ty) => {
+            lce_typed::<$t>(
+                py,
+                input,
+                linear_weight,
+                linear_bias,
+                (batch, in_features, classes, spatial),
+                target_index,
+                target_probs,
+                weight,
+                ignore_index,
+                reduction,
+                label_smoothing,
+                grad_output,
+                grad_output_array,
+                chunk_rows,
+                acc_f64,
+                [grad_input, grad_linear_weight, grad_linear_bias],
+                losses,
+            )
+        };
+    }
+    match dtype {
+        "float32" => go!(f32),
+        "float64" => go!(f64),
+        "float16" => go!(f16),
+        "bfloat16" => go!(bf16),
+        other => Err(PyTypeError::new_err(format!(
+            "input: unsupported dtype {other}; expected float32, float64, float16 or bfloat16"
+        ))),
+    }
+}
+
 /// Sets the number of worker threads (>= 1) used by every later call.
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
@@ -291,6 +485,7 @@ fn simd_level() -> &'static str {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_cross_entropy, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

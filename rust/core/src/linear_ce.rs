@@ -1,0 +1,744 @@
+//! `linear_cross_entropy`: logits = X·Wᵀ (+ b) followed by softmax
+//! cross-entropy, fused and chunked over rows so that the `N x C` logits never
+//! exist.
+//!
+//! Per chunk of `rows` rows:
+//! 1. `L = X_c · Wᵀ (+ b)` into one reused buffer (`rows x C·S`, the compute
+//!    type `G`), by a GEMM from the `gemm` crate (runtime-dispatched
+//!    AVX-512 / AVX2+FMA / scalar micro-kernels);
+//! 2. the fused cross-entropy kernel turns `L` into `dL` in place (or only
+//!    reads it, for forward-only calls: then nothing below runs);
+//! 3. `dX_c = dL · W`, `dW += dLᵀ · X_c`, `db += Σ_rows dL`.
+//!
+//! `G` is `f32` for `f32`, `f16` and `bf16` inputs (half inputs are widened
+//! to `f32` once: the weight, and each chunk of rows) and `f64` for `f64`
+//! inputs; callers may ask for `f64` for any input. The weight gradient of a
+//! half input accumulates in `f32` and is rounded once at the end.
+//!
+//! K-dimensional problems (`W` of shape `(C, d1..dK, D)`) are the same GEMMs
+//! with `W` viewed as `(C·S, D)`: each row of `L` is then laid out
+//! `(C, d1..dK)`, which is exactly the cross-entropy kernel's `(N, C, S)`
+//! layout with `N = rows`.
+//!
+//! Determinism: chunk boundaries depend on `rows` only; the GEMMs split their
+//! output among threads without splitting any dot product, and the bias
+//! gradient sums rows in order, so for a fixed chunk size the bits do not
+//! depend on the thread count.
+
+use crate::elem::{Elem, Real};
+use crate::error::CeError;
+use crate::simd::Compute;
+use crate::softmax_ce::{
+    cross_entropy, validate_problem, CrossEntropy, GradOutput, Logits, Reduction, Targets,
+};
+use crate::threads;
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::any::TypeId;
+
+/// A linear-then-cross-entropy problem. Arrays are C-contiguous.
+#[derive(Clone, Copy)]
+pub struct LinearCrossEntropy<'a, T> {
+    /// `N` rows of `input` (1 for an unbatched input).
+    pub batch: usize,
+    /// `D`, the length of each input row.
+    pub in_features: usize,
+    /// `C`.
+    pub classes: usize,
+    /// `S = d1 * ... * dK` (1 without out_features).
+    pub spatial: usize,
+    /// `(N, D)`.
+    pub input: &'a [T],
+    /// `(C, d1..dK, D)`.
+    pub linear_weight: &'a [T],
+    /// `(C, d1..dK)`.
+    pub linear_bias: Option<&'a [T]>,
+    /// Class indices `(N, d1..dK)` or probabilities `(N, C, d1..dK)`.
+    pub targets: Targets<'a, T>,
+    pub weight: Option<&'a [f64]>,
+    pub ignore_index: i64,
+    pub reduction: Reduction,
+    pub label_smoothing: f64,
+    /// Rows per chunk (>= 1): the logits buffer holds `rows * C * S` values.
+    pub chunk_rows: usize,
+    /// Compute in `f64` whatever the input type.
+    pub acc_f64: bool,
+}
+
+/// Where the gradients go: shapes of `input`, `linear_weight`, `linear_bias`.
+pub struct LinearGrads<'a, T> {
+    pub input: &'a mut [T],
+    pub linear_weight: &'a mut [T],
+    pub linear_bias: Option<&'a mut [T]>,
+}
+
+fn check_len(arg: &'static str, got: usize, want: usize, what: &str) -> Result<(), CeError> {
+    if got != want {
+        return Err(CeError::invalid(
+            arg,
+            format!("expected {want} elements ({what}), got {got}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A type the GEMM works in.
+trait GemmReal: Real + Compute {}
+impl GemmReal for f32 {}
+impl GemmReal for f64 {}
+
+/// `src` as a slice of `G` when `T` is `G` itself (no copy), else `None`.
+fn same_type<T: Elem, G: Real>(src: &[T]) -> Option<&[G]> {
+    if TypeId::of::<T>() == TypeId::of::<G>() {
+        // SAFETY: T and G are the same type (equal TypeIds), so the pointer,
+        // length and lifetime describe a valid &[G].
+        Some(unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<G>(), src.len()) })
+    } else {
+        None
+    }
+}
+
+fn same_type_mut<T: Elem, G: Real>(dst: &mut [T]) -> Option<&mut [G]> {
+    if TypeId::of::<T>() == TypeId::of::<G>() {
+        // SAFETY: as in `same_type`; the borrow of `dst` is moved into the result.
+        Some(unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<G>(), dst.len()) })
+    } else {
+        None
+    }
+}
+
+const CONVERT_PIECE: usize = 1 << 16;
+
+/// `dst[i] = src[i]` converted, in parallel pieces.
+fn convert<A: Elem, B: Elem>(src: &[A], dst: &mut [B]) {
+    dst.par_chunks_mut(CONVERT_PIECE)
+        .zip(src.par_chunks(CONVERT_PIECE))
+        .for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = B::from_f64(s.to_f64());
+            }
+        });
+}
+
+/// `src` in type `G`: borrowed when it already is, else converted into `buf`.
+fn widen<'b, T: Elem, G: Real>(src: &'b [T], buf: &'b mut Vec<G>) -> &'b [G] {
+    match same_type::<T, G>(src) {
+        Some(s) => s,
+        None => {
+            buf.clear();
+            buf.resize(src.len(), G::ZERO);
+            if TypeId::of::<G>() == TypeId::of::<f32>() {
+                // f32 from a half or f32: exact through to_f32.
+                buf.par_chunks_mut(CONVERT_PIECE)
+                    .zip(src.par_chunks(CONVERT_PIECE))
+                    .for_each(|(d, s)| {
+                        for (d, &s) in d.iter_mut().zip(s) {
+                            *d = G::from_f32(s.to_f32());
+                        }
+                    });
+            } else {
+                convert(src, buf);
+            }
+            buf
+        }
+    }
+}
+
+/// `dst = a · bᵀ`-style products through the `gemm` crate, with explicit
+/// strides: `dst (m x n) = [dst +] lhs (m x k) · rhs (k x n)`.
+#[allow(clippy::too_many_arguments)]
+fn matmul<G: GemmReal>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [G],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[G],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[G],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(dst.len() > last(dst_rs, 1, m, n));
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(G::ZERO);
+            }
+        }
+        return;
+    }
+    assert!(lhs.len() > last(lhs_rs, lhs_cs, m, k));
+    assert!(rhs.len() > last(rhs_rs, rhs_cs, k, n));
+    // SAFETY: the asserts above keep every element the GEMM touches inside
+    // the three slices (the highest index of each is its (last, last)
+    // element); dst is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            G::ONE,
+            G::ONE,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(threads),
+        )
+    }
+}
+
+/// Runs the fused linear cross-entropy. Returns the reduced loss for `mean`
+/// and `sum` (NaN for `none`, whose per-sample losses go to `losses`).
+/// Gradients are computed only when `grads` is given; `grad_output` is the
+/// upstream gradient as for [`cross_entropy`].
+///
+/// Every argument is validated before anything is written.
+pub fn linear_cross_entropy<T: Elem>(
+    p: &LinearCrossEntropy<'_, T>,
+    grad_output: GradOutput<'_>,
+    grads: Option<LinearGrads<'_, T>>,
+    losses: Option<&mut [T]>,
+) -> Result<f64, CeError> {
+    if p.acc_f64 || T::KIND == crate::elem::ElemKind::F64 {
+        run::<T, f64>(p, grad_output, grads, losses)
+    } else {
+        run::<T, f32>(p, grad_output, grads, losses)
+    }
+}
+
+fn run<T: Elem, G: GemmReal>(
+    p: &LinearCrossEntropy<'_, T>,
+    grad_output: GradOutput<'_>,
+    grads: Option<LinearGrads<'_, T>>,
+    mut losses: Option<&mut [T]>,
+) -> Result<f64, CeError> {
+    let (n, d, c, s) = (p.batch, p.in_features, p.classes, p.spatial);
+    let cs = c * s;
+    let samples = n * s;
+    check_len("input", p.input.len(), n * d, "N * in_features")?;
+    check_len(
+        "linear_weight",
+        p.linear_weight.len(),
+        cs * d,
+        "C * d1..dK * in_features",
+    )?;
+    if let Some(b) = p.linear_bias {
+        check_len("linear_bias", b.len(), cs, "C * d1..dK")?;
+    }
+    if p.chunk_rows == 0 {
+        return Err(CeError::invalid(
+            "batch_chunk_size",
+            "expected a positive number of rows per chunk, got 0",
+        ));
+    }
+    if let Some(g) = &grads {
+        check_len("grad_input", g.input.len(), n * d, "the input's size")?;
+        check_len(
+            "grad_linear_weight",
+            g.linear_weight.len(),
+            cs * d,
+            "linear_weight's size",
+        )?;
+        match (&g.linear_bias, p.linear_bias) {
+            (Some(gb), Some(_)) => {
+                check_len("grad_linear_bias", gb.len(), cs, "linear_bias's size")?
+            }
+            (None, None) => {}
+            _ => {
+                return Err(CeError::invalid(
+                    "grad_linear_bias",
+                    "expected a bias gradient buffer exactly when linear_bias is given",
+                ))
+            }
+        }
+    }
+    match (p.reduction, &losses) {
+        (Reduction::None, Some(l)) => check_len("loss", l.len(), samples, "one per sample")?,
+        (Reduction::None, None) => {
+            return Err(CeError::invalid(
+                "loss",
+                "reduction='none' needs an output for per-sample losses",
+            ))
+        }
+        _ => {}
+    }
+    if let GradOutput::PerSample(g) = grad_output {
+        if p.reduction != Reduction::None {
+            return Err(CeError::invalid(
+                "grad_output",
+                "a per-sample grad_output needs reduction='none'",
+            ));
+        }
+        check_len("grad_output", g.len(), samples, "the loss's shape")?;
+    }
+    let whole = CrossEntropy {
+        batch: n,
+        classes: c,
+        spatial: s,
+        targets: p.targets,
+        weight: p.weight,
+        ignore_index: p.ignore_index,
+        reduction: p.reduction,
+        label_smoothing: p.label_smoothing,
+    };
+    let denom = validate_problem(&whole)?;
+    // Nothing has been written so far; from here on every call succeeds
+    // (the chunks' targets were all checked above).
+
+    let pool = threads::pool()?;
+    let nthreads = pool.current_num_threads();
+    pool.install(|| -> Result<f64, CeError> {
+        let mut w_buf: Vec<G> = Vec::new();
+        let w = widen::<T, G>(p.linear_weight, &mut w_buf);
+        let mut b_buf: Vec<G> = Vec::new();
+        let bias = p.linear_bias.map(|b| widen::<T, G>(b, &mut b_buf));
+
+        // Gradient accumulators: the outputs themselves when they are of
+        // type G, else G buffers rounded into the outputs at the end.
+        let mut dw_buf: Vec<G> = Vec::new();
+        let want_grad = grads.is_some();
+        let (mut gx, gw, gb) = match grads {
+            Some(g) => (Some(g.input), Some(g.linear_weight), g.linear_bias),
+            None => (None, None, None),
+        };
+        let mut db = if gb.is_some() {
+            vec![0.0f64; cs]
+        } else {
+            Vec::new()
+        };
+        let mut gw_half: Option<&mut [T]> = None;
+        let mut dw: Option<&mut [G]> = match gw {
+            Some(gw) => Some(match same_type_mut::<T, G>(gw) {
+                Some(out) => {
+                    out.par_chunks_mut(CONVERT_PIECE)
+                        .for_each(|c| c.fill(G::ZERO));
+                    out
+                }
+                None => {
+                    dw_buf.resize(cs * d, G::ZERO);
+                    gw_half = Some(gw);
+                    &mut dw_buf
+                }
+            }),
+            None => None,
+        };
+
+        let rows = p.chunk_rows.min(n.max(1));
+        let mut logits: Vec<G> = vec![G::ZERO; rows * cs];
+        let mut x_buf: Vec<G> = Vec::new();
+        let mut dx_buf: Vec<G> = Vec::new();
+        let mut t_buf: Vec<G> = Vec::new();
+        let mut loss_buf: Vec<G> = Vec::new();
+        let g_scalar = match grad_output {
+            GradOutput::Scalar(g) => g,
+            GradOutput::PerSample(_) => 1.0,
+        };
+        let mut total = 0.0f64;
+
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + rows).min(n);
+            let nr = r1 - r0;
+            let x = widen::<T, G>(&p.input[r0 * d..r1 * d], &mut x_buf);
+            let l = &mut logits[..nr * cs];
+
+            // 1. logits = x · Wᵀ (+ b)
+            if let Some(b) = bias {
+                l.par_chunks_mut(cs).for_each(|row| row.copy_from_slice(b));
+            }
+            matmul(nr, cs, d, l, cs, bias.is_some(), x, d, 1, w, 1, d, nthreads);
+
+            // 2. cross-entropy, gradient in place
+            let targets = match p.targets {
+                Targets::Index(t) => Targets::Index(&t[r0 * s..r1 * s]),
+                Targets::Probs(t) => {
+                    Targets::Probs(widen::<T, G>(&t[r0 * cs..r1 * cs], &mut t_buf))
+                }
+            };
+            let chunk = CrossEntropy {
+                batch: nr,
+                classes: c,
+                spatial: s,
+                targets,
+                weight: p.weight,
+                ignore_index: p.ignore_index,
+                reduction: if p.reduction == Reduction::None {
+                    Reduction::None
+                } else {
+                    Reduction::Sum
+                },
+                label_smoothing: p.label_smoothing,
+            };
+            let go = match (p.reduction, grad_output) {
+                (Reduction::Mean, _) => GradOutput::Scalar(g_scalar / denom),
+                (_, GradOutput::PerSample(g)) => GradOutput::PerSample(&g[r0 * s..r1 * s]),
+                (_, GradOutput::Scalar(g)) => GradOutput::Scalar(g),
+            };
+            let chunk_losses = if p.reduction == Reduction::None {
+                loss_buf.resize(nr * s, G::ZERO);
+                Some(&mut loss_buf[..nr * s])
+            } else {
+                None
+            };
+            let logits_io = if want_grad {
+                Logits::InPlace(&mut *l)
+            } else {
+                Logits::Forward(&*l)
+            };
+            let part = cross_entropy::<G>(&chunk, logits_io, go, chunk_losses)?;
+            if p.reduction == Reduction::None {
+                if let Some(out) = losses.as_deref_mut() {
+                    convert(&loss_buf[..nr * s], &mut out[r0 * s..r1 * s]);
+                }
+            } else {
+                total += part;
+            }
+
+            // 3. gradients of x, W, b
+            if let Some(gx) = gx.as_deref_mut() {
+                let l = &*l;
+                let dx_out = &mut gx[r0 * d..r1 * d];
+                match same_type_mut::<T, G>(dx_out) {
+                    Some(out) => matmul(nr, d, cs, out, d, false, l, cs, 1, w, d, 1, nthreads),
+                    None => {
+                        dx_buf.resize(nr * d, G::ZERO);
+                        matmul(
+                            nr,
+                            d,
+                            cs,
+                            &mut dx_buf,
+                            d,
+                            false,
+                            l,
+                            cs,
+                            1,
+                            w,
+                            d,
+                            1,
+                            nthreads,
+                        );
+                        convert(&dx_buf[..nr * d], dx_out);
+                    }
+                }
+                if let Some(dw) = dw.as_deref_mut() {
+                    // dW (cs x d) += dLᵀ (cs x nr) · x (nr x d)
+                    matmul(cs, d, nr, dw, d, true, l, 1, cs, x, d, 1, nthreads);
+                }
+                if !db.is_empty() {
+                    db.par_chunks_mut(BIAS_PIECE)
+                        .enumerate()
+                        .for_each(|(j, acc)| {
+                            let j0 = j * BIAS_PIECE;
+                            let len = acc.len();
+                            for row in l.chunks_exact(cs) {
+                                for (a, &v) in acc.iter_mut().zip(&row[j0..j0 + len]) {
+                                    *a += v.to_f64();
+                                }
+                            }
+                        });
+                }
+            }
+            r0 = r1;
+        }
+
+        // (dw's borrow of dw_buf ends with its last use above)
+        if let Some(out) = gw_half {
+            convert(&dw_buf, out);
+        }
+        if let Some(gb) = gb {
+            for (o, &v) in gb.iter_mut().zip(&db) {
+                *o = T::from_f64(v);
+            }
+        }
+        Ok(match p.reduction {
+            Reduction::Mean => total / denom,
+            Reduction::Sum => total,
+            Reduction::None => f64::NAN,
+        })
+    })
+}
+
+const BIAS_PIECE: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 11) as f64) / ((1u64 << 53) as f64)
+    }
+
+    struct Data {
+        n: usize,
+        d: usize,
+        c: usize,
+        s: usize,
+        x: Vec<f64>,
+        w: Vec<f64>,
+        b: Vec<f64>,
+        t: Vec<i64>,
+    }
+
+    fn data(n: usize, d: usize, c: usize, s: usize, seed: u64) -> Data {
+        let mut r = seed;
+        let x = (0..n * d).map(|_| lcg(&mut r) * 2.0 - 1.0).collect();
+        let w = (0..c * s * d).map(|_| lcg(&mut r) * 2.0 - 1.0).collect();
+        let b = (0..c * s).map(|_| lcg(&mut r) - 0.5).collect();
+        let t = (0..n * s)
+            .map(|i| {
+                if i % 7 == 3 {
+                    -100
+                } else {
+                    (lcg(&mut r) * c as f64) as i64
+                }
+            })
+            .collect();
+        Data {
+            n,
+            d,
+            c,
+            s,
+            x,
+            w,
+            b,
+            t,
+        }
+    }
+
+    fn problem<'a, T: Elem>(
+        dt: &'a Data,
+        x: &'a [T],
+        w: &'a [T],
+        b: &'a [T],
+        weight: &'a [f64],
+        rows: usize,
+    ) -> LinearCrossEntropy<'a, T> {
+        LinearCrossEntropy {
+            batch: dt.n,
+            in_features: dt.d,
+            classes: dt.c,
+            spatial: dt.s,
+            input: x,
+            linear_weight: w,
+            linear_bias: Some(b),
+            targets: Targets::Index(&dt.t),
+            weight: Some(weight),
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            label_smoothing: 0.1,
+            chunk_rows: rows,
+            acc_f64: false,
+        }
+    }
+
+    /// (loss, dx, dw, db) in f64: logits built naively, then the (separately
+    /// tested) cross-entropy kernel in f64, then naive products.
+    fn reference(dt: &Data, weight: &[f64]) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (n, d, cs) = (dt.n, dt.d, dt.c * dt.s);
+        let mut l = vec![0.0; n * cs];
+        for r in 0..n {
+            for j in 0..cs {
+                let dot: f64 = (0..d).map(|k| dt.x[r * d + k] * dt.w[j * d + k]).sum();
+                l[r * cs + j] = dot + dt.b[j];
+            }
+        }
+        let mut g = vec![0.0; n * cs];
+        let ce = CrossEntropy {
+            batch: n,
+            classes: dt.c,
+            spatial: dt.s,
+            targets: Targets::Index(&dt.t),
+            weight: Some(weight),
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            label_smoothing: 0.1,
+        };
+        let loss =
+            cross_entropy(&ce, Logits::Grad(&l, &mut g), GradOutput::Scalar(1.0), None).unwrap();
+        let mut dx = vec![0.0; n * d];
+        let mut dw = vec![0.0; cs * d];
+        let mut db = vec![0.0; cs];
+        for r in 0..n {
+            for j in 0..cs {
+                let v = g[r * cs + j];
+                db[j] += v;
+                for k in 0..d {
+                    dx[r * d + k] += v * dt.w[j * d + k];
+                    dw[j * d + k] += v * dt.x[r * d + k];
+                }
+            }
+        }
+        (loss, dx, dw, db)
+    }
+
+    fn close(name: &str, got: &[f64], want: &[f64], tol: f64) {
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= tol * scale,
+                "{name}[{i}]: {a} vs {b} (scale {scale})"
+            );
+        }
+    }
+
+    fn run_f32(dt: &Data, weight: &[f64], rows: usize) -> (f64, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let x: Vec<f32> = dt.x.iter().map(|&v| v as f32).collect();
+        let w: Vec<f32> = dt.w.iter().map(|&v| v as f32).collect();
+        let b: Vec<f32> = dt.b.iter().map(|&v| v as f32).collect();
+        let p = problem(dt, &x, &w, &b, weight, rows);
+        let (mut dx, mut dw, mut db) = (
+            vec![0f32; x.len()],
+            vec![0f32; w.len()],
+            vec![0f32; b.len()],
+        );
+        let loss = linear_cross_entropy(
+            &p,
+            GradOutput::Scalar(1.0),
+            Some(LinearGrads {
+                input: &mut dx,
+                linear_weight: &mut dw,
+                linear_bias: Some(&mut db),
+            }),
+            None,
+        )
+        .unwrap();
+        (loss, dx, dw, db)
+    }
+
+    fn to64(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| x as f64).collect()
+    }
+
+    #[test]
+    fn matches_float64_reference_for_any_chunk_size() {
+        for &(n, d, c, s) in &[(13, 7, 11, 1), (9, 5, 3, 4), (1, 1, 1, 1), (20, 33, 130, 1)] {
+            let dt = data(n, d, c, s, 7 + n as u64);
+            // reference from values rounded to f32, like the f32 run sees
+            let dr = Data {
+                x: dt.x.iter().map(|&v| v as f32 as f64).collect(),
+                w: dt.w.iter().map(|&v| v as f32 as f64).collect(),
+                b: dt.b.iter().map(|&v| v as f32 as f64).collect(),
+                t: dt.t.clone(),
+                ..dt
+            };
+            let weight: Vec<f64> = (0..c).map(|j| 0.5 + (j % 3) as f64 * 0.25).collect();
+            let (loss, dx, dw, db) = reference(&dr, &weight);
+            for rows in [1, 2, 5, n] {
+                let (l32, dx32, dw32, db32) = run_f32(&dr, &weight, rows);
+                assert!(
+                    (l32 - loss).abs() <= 1e-5 * loss.abs().max(1.0),
+                    "{l32} vs {loss}"
+                );
+                close("dx", &to64(&dx32), &dx, 1e-5);
+                close("dw", &to64(&dw32), &dw, 1e-5);
+                close("db", &to64(&db32), &db, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn bitwise_identical_for_any_thread_count() {
+        // large enough for the GEMMs to split their work among threads
+        let dt = data(260, 96, 1000, 1, 3);
+        let weight = vec![1.0; 1000];
+        threads::set_num_threads(1).unwrap();
+        let one = run_f32(&dt, &weight, 128);
+        for t in [2, 3] {
+            threads::set_num_threads(t).unwrap();
+            let many = run_f32(&dt, &weight, 128);
+            assert_eq!(one.0.to_bits(), many.0.to_bits());
+            assert!(one.1 == many.1 && one.2 == many.2 && one.3 == many.3);
+        }
+    }
+
+    #[test]
+    fn half_inputs_compute_in_f32() {
+        let dt = data(10, 16, 50, 1, 11);
+        let weight = vec![1.0; 50];
+        let r = |v: &[f64]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f64(x)).collect() };
+        let (x, w, b) = (r(&dt.x), r(&dt.w), r(&dt.b));
+        let dr = Data {
+            x: x.iter().map(|v| v.to_f64()).collect(),
+            w: w.iter().map(|v| v.to_f64()).collect(),
+            b: b.iter().map(|v| v.to_f64()).collect(),
+            t: dt.t.clone(),
+            ..dt
+        };
+        let (loss, dx, dw, _) = reference(&dr, &weight);
+        let p = problem(&dr, &x, &w, &b, &weight, 3);
+        let (mut gx, mut gw, mut gb) = (
+            vec![bf16::ZERO; x.len()],
+            vec![bf16::ZERO; w.len()],
+            vec![bf16::ZERO; b.len()],
+        );
+        let l = linear_cross_entropy(
+            &p,
+            GradOutput::Scalar(1.0),
+            Some(LinearGrads {
+                input: &mut gx,
+                linear_weight: &mut gw,
+                linear_bias: Some(&mut gb),
+            }),
+            None,
+        )
+        .unwrap();
+        assert!((l - loss).abs() < 1e-5 * loss.abs().max(1.0));
+        let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+        close("dx", &f(&gx), &dx, 1e-2);
+        close("dw", &f(&gw), &dw, 1e-2);
+    }
+
+    #[test]
+    fn errors_come_before_any_write() {
+        let mut dt = data(6, 3, 4, 1, 5);
+        dt.t[5] = 4; // out of range, in the last chunk
+        let x: Vec<f32> = dt.x.iter().map(|&v| v as f32).collect();
+        let w: Vec<f32> = dt.w.iter().map(|&v| v as f32).collect();
+        let b: Vec<f32> = dt.b.iter().map(|&v| v as f32).collect();
+        let weight = vec![1.0; 4];
+        let p = problem(&dt, &x, &w, &b, &weight, 1);
+        let (mut dx, mut dw, mut db) = (vec![7f32; x.len()], vec![7f32; w.len()], vec![7f32; 4]);
+        let e = linear_cross_entropy(
+            &p,
+            GradOutput::Scalar(1.0),
+            Some(LinearGrads {
+                input: &mut dx,
+                linear_weight: &mut dw,
+                linear_bias: Some(&mut db),
+            }),
+            None,
+        );
+        assert!(matches!(
+            e,
+            Err(CeError::TargetOutOfBounds { position: 5, .. })
+        ));
+        assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 7.0));
+        let bad = LinearCrossEntropy {
+            linear_weight: &w[1..],
+            ..p
+        };
+        assert!(linear_cross_entropy(&bad, GradOutput::Scalar(1.0), None, None).is_err());
+    }
+}
