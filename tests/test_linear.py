@@ -329,10 +329,8 @@ def test_module_trains():
 
 def test_training_example_reaches_its_stated_accuracy():
     import runpy
-    import sys
     from pathlib import Path
 
     path = Path(__file__).parent.parent / "examples" / "train_classifier.py"
     mod = runpy.run_path(str(path), run_name="example")
     assert mod["main"](["--epochs", "3"]) == 0
-    _ = sys  # the example prints; pytest captures it

@@ -8,7 +8,7 @@ semantics, over numpy arrays, on a SIMD multithreaded Rust core.
 
 from __future__ import annotations
 
-from . import _native
+from . import _native, gpu
 from .functional import LinearCrossEntropyGrads, cross_entropy, linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from .options import LinearCrossEntropyOptions
@@ -23,6 +23,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "simd_level",
+    "gpu",
 ]
 
 

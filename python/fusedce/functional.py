@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, NamedTuple, Optional, Tuple, Union, overload
 
 import numpy as np
@@ -16,10 +17,67 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 
 def _check_device(device: str) -> None:
-    if device not in ("cpu", "auto"):
-        raise ValueError(
-            f"device: expected 'cpu' or 'auto', got {device!r} (this build has no GPU backend)"
+    if device not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"device: expected 'cpu', 'gpu' or 'auto', got {device!r}")
+
+
+def _on_gpu(device: str, dtype: np.dtype, work: float, threshold: float) -> bool:
+    """Whether this call runs on the GPU; float64 never does (WGSL has no f64)."""
+    if device == "cpu":
+        return False
+    from . import gpu
+
+    try:
+        chosen = gpu.use_gpu(device, work, threshold)
+    except gpu.GpuUnavailable as exc:
+        raise RuntimeError(f"device: 'gpu' was asked for, but {exc}") from None
+    if chosen and dtype == np.float64:
+        if device == "gpu":
+            warnings.warn(
+                "device='gpu': WGSL has no float64, so this float64 call is computed on the CPU",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    return chosen
+
+
+def _gpu_targets(targets: "_Targets", ignore_index: int, classes: int, w: Optional[np.ndarray],
+                 samples: int) -> Tuple[Optional[np.ndarray], float]:
+    """int32 class per sample (-1 = ignored) and the mean's denominator, with the
+    core's range check (IndexError) done here, before anything is uploaded."""
+    if targets.index is None:
+        return None, float(samples)
+    t = targets.index.reshape(-1)
+    keep = t != ignore_index
+    bad = keep & ((t < 0) | (t >= classes))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise IndexError(
+            f"target: Target {int(t[i])} is out of bounds (at flat position {i}); expected a class "
+            f"index in [0, {classes}) or ignore_index={ignore_index}"
         )
+    y = np.where(keep, t, -1).astype(np.int32)
+    wy = np.where(keep, 1.0 if w is None else w[np.where(keep, t, 0)], 0.0)
+    return y, float(np.sum(wy, dtype=np.float64))
+
+
+def _gpu_scale(reduction: str, g_scalar: Optional[float], g_array: Optional[np.ndarray], denom: float,
+               samples: int) -> np.ndarray:
+    if g_array is not None:
+        return g_array.reshape(-1)
+    g = 1.0 if g_scalar is None else g_scalar
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.float64(g) / np.float64(denom) if reduction == "mean" else np.float64(g)
+    return np.full(samples, v, dtype=np.float64)
+
+
+def _gpu_reduce(losses: np.ndarray, reduction: str, denom: float) -> float:
+    total = float(np.sum(losses.astype(np.float64)))
+    if reduction == "mean":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.float64(total) / np.float64(denom))
+    return total
 
 
 def _check_common(reduction: str, label_smoothing: float) -> None:
@@ -200,7 +258,9 @@ def cross_entropy(
             dtype for the gradient; ``grad_out=input`` overwrites the logits
             with their gradient, so no ``N x C`` memory is allocated at all.
             Needs ``return_grad=True``.
-        device: ``"cpu"`` (or ``"auto"``, which is the CPU in this build).
+        device: ``"cpu"``, ``"gpu"`` (WGSL shaders through wgpu-py; see
+            :mod:`fusedce.gpu`) or ``"auto"`` (the GPU for large problems when
+            a hardware adapter is present).
 
     Returns:
         ``loss`` (a numpy array of the input's dtype: 0-d for mean/sum), or
@@ -211,6 +271,7 @@ def cross_entropy(
         IndexError: a class index outside ``[0, C)`` that is not ``ignore_index``.
         ValueError: shapes or values that do not fit.
         TypeError: unsupported dtypes or objects.
+        RuntimeError: ``device="gpu"`` and no WebGPU adapter (the message says why).
     Nothing is written to ``grad_out`` when an exception is raised.
     """
     _check_device(device)
@@ -237,11 +298,28 @@ def cross_entropy(
     w = _weight_array(weight, classes)
     g_scalar, g_array = _grad_output(grad_output, reduction, loss_shape)
 
-    losses = np.empty(loss_shape, dtype=x.dtype) if reduction == "none" else None
     if return_grad:
         mode, grad = _grad_buffer(grad_out, original, x)
     else:
         mode, grad = "none", None
+    if _on_gpu(device, x.dtype, x.size, _gpu_threshold("elements")):
+        from .gpu import _backend
+
+        samples = batch * spatial
+        y, denom = _gpu_targets(targets, ignore_index, classes, w, samples)
+        per, g = _backend.cross_entropy(
+            x, batch, classes, spatial, y, targets.probs,
+            np.ones(classes) if w is None else w, _gpu_scale(reduction, g_scalar, g_array, denom, samples),
+            float(label_smoothing), return_grad,
+        )
+        loss = (per.reshape(loss_shape).astype(x.dtype) if reduction == "none"
+                else np.asarray(_gpu_reduce(per, reduction, denom), dtype=x.dtype))
+        if not return_grad:
+            return loss
+        out = x if mode == "inplace" else grad
+        out[...] = g.reshape(x.shape)
+        return loss, out
+    losses = np.empty(loss_shape, dtype=x.dtype) if reduction == "none" else None
     value = _native.cross_entropy(
         native_view(x), kind, batch, classes, spatial,
         targets.index,
@@ -302,6 +380,7 @@ def linear_cross_entropy(
     return_grad: bool = False,
     grad_output: Any = None,
     device: str = "cpu",
+    _gpu_cache: Optional[dict] = None,
 ) -> Union[np.ndarray, Tuple[np.ndarray, LinearCrossEntropyGrads]]:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target)`` with the
     semantics of ``torch.nn.functional.linear_cross_entropy``, fused and chunked:
@@ -327,7 +406,7 @@ def linear_cross_entropy(
             linear_weight and linear_bias.
         grad_output: upstream gradient (a scalar for mean/sum, the loss's shape
             for ``"none"``; default ones).
-        device: ``"cpu"`` (or ``"auto"``).
+        device: ``"cpu"``, ``"gpu"`` or ``"auto"``, as for :func:`cross_entropy`.
 
     Returns:
         ``loss`` (the input's dtype; 0-d for mean/sum, ``()``/``(N,)``/
@@ -398,6 +477,29 @@ def linear_cross_entropy(
     g_dtype = options.compute_dtype(x.dtype)
     rows = options.chunk_rows(batch, in_features, classes, classes * spatial * g_dtype.itemsize)
 
+    flops = 2.0 * batch * in_features * classes * spatial * (3 if return_grad else 1)
+    if _on_gpu(device, x.dtype, flops, _gpu_threshold("flops")):
+        from .gpu import _backend
+
+        samples = batch * spatial
+        y, denom = _gpu_targets(targets, ii, classes, cw, samples)
+        res = _backend.resident_weight(w, b, _gpu_cache)
+        per, gr = _backend.linear_cross_entropy(
+            x.reshape(batch, in_features), res, classes, spatial, y,
+            None if targets.probs is None else targets.probs.reshape(-1),
+            np.ones(classes) if cw is None else cw, _gpu_scale(reduction, g_scalar, g_array, denom, samples),
+            float(label_smoothing), rows, return_grad,
+        )
+        loss = (per.reshape(loss_shape).astype(x.dtype) if reduction == "none"
+                else np.asarray(_gpu_reduce(per, reduction, denom), dtype=x.dtype))
+        if gr is None:
+            return loss
+        dx, dw, db = gr
+        return loss, LinearCrossEntropyGrads(
+            dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(x.dtype),
+            None if b is None else db.reshape(b.shape).astype(x.dtype),
+        )
+
     xc = np.ascontiguousarray(x)
     wc = np.ascontiguousarray(w)
     bc = None if b is None else np.ascontiguousarray(b)
@@ -432,3 +534,9 @@ class _Shape(NamedTuple):
 
 
 _DEFAULT_OPTIONS = LinearCrossEntropyOptions()
+
+
+def _gpu_threshold(kind: str) -> float:
+    from . import gpu
+
+    return gpu.AUTO_MIN_ELEMENTS if kind == "elements" else gpu.AUTO_MIN_FLOPS

@@ -86,6 +86,11 @@ class LinearCrossEntropyLoss:
     Both are plain numpy arrays: update them in place (``m.linear_weight -= lr
     * grads.linear_weight``) or assign new arrays of the same shape and dtype.
 
+    With ``device="gpu"`` the weight and bias stay on the device between calls
+    and are uploaded again only when their bytes changed (a 64-bit checksum of
+    each is compared per call, at memory speed on the host), so an inference
+    service pays for the head's upload once.
+
     ``loss_fn(input, target)`` returns the loss; ``loss_fn.value_and_grad(input,
     target)`` returns ``(loss, LinearCrossEntropyGrads(input, linear_weight,
     linear_bias))``.
@@ -129,6 +134,9 @@ class LinearCrossEntropyLoss:
         self.label_smoothing = float(label_smoothing)
         self.options = options
         self.device = device
+        # device copies of the weight and bias (device="gpu"/"auto"), kept
+        # while their bytes are unchanged (checked by a checksum per call)
+        self._gpu_cache: dict = {}
         rng = np.random.default_rng(seed)
         bound = 1.0 / np.sqrt(in_features) if in_features > 0 else 0.0
         shape = (self.num_classes, *out_features)
@@ -141,7 +149,7 @@ class LinearCrossEntropyLoss:
         return dict(
             linear_bias=self.linear_bias, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            options=self.options, device=self.device,
+            options=self.options, device=self.device, _gpu_cache=self._gpu_cache,
         )
 
     def __call__(self, input: Any, target: Any) -> np.ndarray:

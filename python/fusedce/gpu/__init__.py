@@ -1,0 +1,73 @@
+"""The GPU path: WGSL compute shaders run through wgpu-py, on any WebGPU
+adapter (Vulkan, Metal, D3D12; Mesa's lavapipe in CI).
+
+    >>> import fusedce
+    >>> fusedce.gpu.is_available()
+    True
+    >>> fusedce.cross_entropy(logits, target, device="gpu")
+
+What runs where:
+- float32 computes on the device; float16 and bfloat16 are converted to
+  float32 on upload (``shader-f16`` is not used yet) and results rounded back;
+  float64 has no WGSL type: ``device="gpu"`` computes it on the CPU and warns.
+- Per call: inputs uploaded once (in chunks under the adapter's
+  ``max_storage_buffer_binding_size`` when larger), one read-back of the
+  per-sample losses and gradients. Sums over samples (the reductions) are
+  done on the host in float64, in order.
+- ``device="auto"`` picks the GPU only for problems large enough to pay for
+  the transfers (``AUTO_MIN_ELEMENTS`` logits, or ``AUTO_MIN_FLOPS`` for
+  linear_cross_entropy) and only when an adapter other than a CPU emulation
+  (lavapipe/llvmpipe) is present; else the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from ._backend import GpuUnavailable, context
+
+AUTO_MIN_ELEMENTS = 1 << 24
+AUTO_MIN_FLOPS = 1 << 34
+
+__all__ = ["is_available", "adapter_info", "GpuUnavailable"]
+
+
+def is_available() -> bool:
+    """True when wgpu-py is installed and a WebGPU adapter can be opened."""
+    try:
+        context()
+        return True
+    except GpuUnavailable:
+        return False
+
+
+def adapter_info() -> Dict[str, object]:
+    """The adapter's description (vendor, device, adapter_type, backend_type,
+    ...) and the limits that matter here. Raises GpuUnavailable without one."""
+    ctx = context()
+    info: Dict[str, object] = dict(ctx.info)
+    info["max_storage_buffer_binding_size"] = ctx.max_binding
+    info["max_buffer_size"] = int(ctx.limits["max-buffer-size"])
+    info["features"] = sorted(str(f) for f in ctx.adapter.features)
+    return info
+
+
+def _is_software() -> bool:
+    ctx = context()
+    text = " ".join(str(v) for v in ctx.info.values()).lower()
+    return "llvmpipe" in text or "lavapipe" in text or str(ctx.info.get("adapter_type", "")).lower() == "cpu"
+
+
+def use_gpu(device: str, work: float, threshold: float) -> bool:
+    """Resolves ``device`` ("cpu", "gpu", "auto") for a problem of ``work``."""
+    if device == "cpu":
+        return False
+    if device == "gpu":
+        context()  # raises GpuUnavailable with the reason
+        return True
+    if work < threshold:
+        return False
+    try:
+        return not _is_software()
+    except GpuUnavailable:
+        return False

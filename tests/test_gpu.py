@@ -1,0 +1,229 @@
+"""The GPU path (WGSL through wgpu-py): the whole conformance corpus, GPU vs CPU
+property tests, chunking under the binding limit, the resident module weight.
+
+Skipped when no WebGPU adapter is found, unless FUSEDCE_REQUIRE_GPU=1 (CI sets
+it, with Mesa's lavapipe installed): then a missing adapter fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedce
+from conformance import ERRORS, assert_close, cases, load
+
+REQUIRED = os.environ.get("FUSEDCE_REQUIRE_GPU") == "1"
+
+
+def _available() -> bool:
+    try:
+        return fusedce.gpu.is_available()
+    except Exception:  # noqa: BLE001 - reported by test_adapter_is_present
+        return False
+
+
+AVAILABLE = _available()
+needs_gpu = pytest.mark.skipif(not AVAILABLE and not REQUIRED, reason="no WebGPU adapter (set FUSEDCE_REQUIRE_GPU=1 to fail instead)")
+
+# float32 on the device: the corpus's float32 bounds; float16/bfloat16 are
+# converted on upload and judged with their own bounds. float64 falls back to
+# the CPU (with a warning).
+CE = cases("cross_entropy")
+LCE = cases("linear_cross_entropy")
+
+
+def test_adapter_is_present_when_required():
+    if not REQUIRED:
+        pytest.skip("FUSEDCE_REQUIRE_GPU is not set")
+    info = fusedce.gpu.adapter_info()  # raises with the reason when there is none
+    assert info["max_storage_buffer_binding_size"] > 0
+
+
+@needs_gpu
+def test_adapter_info():
+    info = fusedce.gpu.adapter_info()
+    assert "adapter_type" in info and "backend_type" in info
+    assert isinstance(info["features"], list)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CE, ids=[c["id"] for c in CE])
+def test_cross_entropy_case_on_gpu(case):
+    kw = dict(case["kwargs"])
+    kw.pop("weight", None)
+    x = load(case["input"])
+    t = load(case["target"])
+    w = load(case["weight"]) if "weight" in case else None
+    dtype = case["input"]["dtype"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float64 computed on the CPU
+        if "error" in case:
+            with pytest.raises(ERRORS[case["error"]]):
+                fusedce.cross_entropy(x, t, w, **kw, device="gpu")
+            return
+        go = load(case["grad_output"]) if "grad_output" in case else None
+        if "grad_input" in case:
+            loss, grad = fusedce.cross_entropy(x, t, w, **kw, return_grad=True, grad_output=go, device="gpu")
+            assert grad.dtype == x.dtype and grad.shape == x.shape
+            assert_close("grad_input", grad, load(case["grad_input"]), dtype)
+        else:
+            loss = fusedce.cross_entropy(x, t, w, **kw, device="gpu")
+    assert loss.dtype == x.dtype
+    assert_close("loss", loss, load(case["loss"]), dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", LCE, ids=[c["id"] for c in LCE])
+def test_linear_cross_entropy_case_on_gpu(case):
+    kw = dict(case["kwargs"])
+    kw.pop("weight", None)
+    args = dict(input=load(case["input"]), linear_weight=load(case["linear_weight"]), target=load(case["target"]))
+    if "linear_bias" in case:
+        kw["linear_bias"] = load(case["linear_bias"])
+    if "weight" in case:
+        kw["weight"] = load(case["weight"])
+    dtype = case["input"]["dtype"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if "error" in case:
+            with pytest.raises(ERRORS[case["error"]]):
+                fusedce.linear_cross_entropy(**args, **kw, device="gpu")
+            return
+        go = load(case["grad_output"]) if "grad_output" in case else None
+        # chunks of 2 rows: several chunks per case
+        opts = fusedce.LinearCrossEntropyOptions(batch_chunk_size=2)
+        loss, g = fusedce.linear_cross_entropy(**args, **kw, return_grad=True, grad_output=go,
+                                               options=opts, device="gpu")
+    assert_close("loss", loss, load(case["loss"]), dtype)
+    assert_close("grad_input", g.input, load(case["grad_input"]), dtype)
+    assert_close("grad_linear_weight", g.linear_weight, load(case["grad_linear_weight"]), dtype)
+    if "grad_linear_bias" in case:
+        assert_close("grad_linear_bias", g.linear_bias, load(case["grad_linear_bias"]), dtype)
+
+
+@st.composite
+def ce_problems(draw):
+    k = draw(st.integers(0, 2))
+    n = draw(st.integers(1, 6))
+    c = draw(st.sampled_from([1, 2, 7, 255, 256, 257, 1000]))
+    sp = tuple(draw(st.lists(st.integers(1, 5), min_size=k, max_size=k)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dtype = draw(st.sampled_from([np.float32, np.float16, ml_dtypes.bfloat16]))
+    x = (rng.normal(size=(n, c) + sp) * draw(st.sampled_from([0.5, 10.0]))).astype(dtype)
+    if draw(st.booleans()):
+        t = rng.random(size=x.shape)
+        t = (t / t.sum(axis=1, keepdims=True)).astype(dtype)
+        ii = -100
+    else:
+        t = rng.integers(0, c, size=(n,) + sp)
+        ii = draw(st.sampled_from([-100, 0]))
+    w = rng.random(c) + 0.5 if draw(st.booleans()) else None
+    red = draw(st.sampled_from(["none", "mean", "sum"]))
+    ls = draw(st.sampled_from([0.0, 0.2]))
+    return x, t, w, ii, red, ls
+
+
+@needs_gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ce_problems())
+def test_gpu_matches_cpu(p):
+    x, t, w, ii, red, ls = p
+    lc, gc = fusedce.cross_entropy(x, t, w, ii, red, ls, return_grad=True)
+    lg, gg = fusedce.cross_entropy(x, t, w, ii, red, ls, return_grad=True, device="gpu")
+    tol = 1e-5 if x.dtype == np.float32 else 1e-2
+    np.testing.assert_allclose(lg.astype(np.float64), lc.astype(np.float64), rtol=tol, atol=tol)
+    scale = max(1e-3, float(np.abs(gc.astype(np.float64)).max(initial=0)))
+    np.testing.assert_allclose(gg.astype(np.float64), gc.astype(np.float64), rtol=tol, atol=tol * scale)
+
+
+@needs_gpu
+def test_large_dispatch_and_in_place():
+    """More than 65535 samples: the 2-D dispatch; grad_out=input works on the GPU too."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(70_000, 3)).astype(np.float32)
+    t = rng.integers(0, 3, 70_000)
+    lc, gc = fusedce.cross_entropy(x, t, reduction="sum", return_grad=True)
+    xi = x.copy()
+    lg, gg = fusedce.cross_entropy(xi, t, reduction="sum", return_grad=True, grad_out=xi, device="gpu")
+    assert gg is xi
+    np.testing.assert_allclose(lg, lc, rtol=1e-5)
+    np.testing.assert_allclose(gg, gc, rtol=1e-5, atol=1e-6)
+
+
+@needs_gpu
+def test_linear_on_gpu_matches_cpu_with_blocks(monkeypatch):
+    """A tiny binding limit forces the weight into several class blocks and
+    the rows into several chunks."""
+    from fusedce.gpu import _backend
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(37, 20)).astype(np.float32)
+    w = (rng.normal(size=(130, 20)) * 0.3).astype(np.float32)
+    b = rng.normal(size=130).astype(np.float32)
+    t = rng.integers(0, 130, 37)
+    lc, gc = fusedce.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1, return_grad=True)
+    ctx = _backend.context()
+    monkeypatch.setattr(ctx, "max_binding", 130 * 4 * 3)  # 3 rows of logits; weight blocks of 19 classes
+    lg, gg = fusedce.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1, return_grad=True,
+                                          device="gpu")
+    np.testing.assert_allclose(lg, lc, rtol=1e-5)
+    for a, e in zip(gg, gc):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()))
+
+
+@needs_gpu
+def test_matmul_kernel():
+    from fusedce.gpu import _backend
+
+    rng = np.random.default_rng(2)
+    for m, k, n in ((1, 1, 1), (65, 17, 130), (64, 64, 64), (3, 200, 5)):
+        a = rng.normal(size=(m, k)).astype(np.float32)
+        b = rng.normal(size=(k, n)).astype(np.float32)
+        np.testing.assert_allclose(_backend.matmul(a, b), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+def test_module_keeps_its_weight_on_the_device():
+    m = fusedce.LinearCrossEntropyLoss(16, 40, bias=True, seed=0, device="gpu")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 16)).astype(np.float32)
+    t = rng.integers(0, 40, 8)
+    l1 = m(x, t)
+    l2 = m(x, t)
+    assert m._gpu_cache["uploads"] == 1 and l1 == l2
+    cpu = fusedce.linear_cross_entropy(x, m.linear_weight, t, linear_bias=m.linear_bias)
+    np.testing.assert_allclose(l1, cpu, rtol=1e-5)
+    loss, g = m.value_and_grad(x, t)
+    m.linear_weight -= 0.5 * g.linear_weight  # in place: noticed, uploaded again
+    l3 = m(x, t)
+    assert m._gpu_cache["uploads"] == 2 and l3 < l1
+    np.testing.assert_allclose(
+        l3, fusedce.linear_cross_entropy(x, m.linear_weight, t, linear_bias=m.linear_bias), rtol=1e-5)
+
+
+def test_gpu_requested_without_adapter_is_a_clear_error(monkeypatch):
+    from fusedce.gpu import _backend
+
+    monkeypatch.setattr(_backend, "_CTX", None)
+    monkeypatch.setattr(_backend, "_FAILED", "no WebGPU adapter found: (simulated)")
+    with pytest.raises(RuntimeError, match="device: 'gpu' was asked for, but no WebGPU adapter"):
+        fusedce.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]), device="gpu")
+    assert not fusedce.gpu.is_available()
+    # auto quietly uses the CPU
+    assert fusedce.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]), device="auto") > 0
+
+
+@needs_gpu
+def test_float64_on_gpu_warns_and_uses_cpu():
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    t = np.array([0, 1, 2, 3])
+    with pytest.warns(RuntimeWarning, match="float64"):
+        lg = fusedce.cross_entropy(x, t, device="gpu")
+    assert lg == fusedce.cross_entropy(x, t)
