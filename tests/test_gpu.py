@@ -227,3 +227,32 @@ def test_float64_on_gpu_warns_and_uses_cpu():
     with pytest.warns(RuntimeWarning, match="float64"):
         lg = fusedce.cross_entropy(x, t, device="gpu")
     assert lg == fusedce.cross_entropy(x, t)
+
+
+HALF_CE = [c for c in CE if c["input"]["dtype"] == "float16" and "error" not in c]
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", HALF_CE, ids=[c["id"] for c in HALF_CE])
+def test_float16_cases_without_shader_f16(case, monkeypatch):
+    """Adapters without shader-f16: float16 is converted to float32 on upload."""
+    from fusedce.gpu import _backend
+
+    ctx = _backend.context()
+    monkeypatch.setattr(ctx, "has_f16", False)
+    test_cross_entropy_case_on_gpu(case)
+
+
+@needs_gpu
+def test_float16_storage_is_used_when_the_adapter_has_it():
+    from fusedce.gpu import _backend
+
+    ctx = _backend.context()
+    if not ctx.has_f16:
+        pytest.skip("adapter without shader-f16")
+    x = np.random.default_rng(0).normal(size=(5, 9)).astype(np.float16)
+    t = np.arange(5)
+    lg, gg = fusedce.cross_entropy(x, t, return_grad=True, device="gpu")
+    assert ("ce", "f16") in ctx._pipelines
+    lc, gc = fusedce.cross_entropy(x, t, return_grad=True)
+    np.testing.assert_allclose(gg.astype(np.float32), gc.astype(np.float32), rtol=2e-3, atol=1e-4)

@@ -223,11 +223,25 @@ def test_chunk_rows_rules():
     assert O(batch_chunk_size=256, chunking_method="aspect_ratio").chunk_rows(4096, 2048, 32000, 128000) == 256
     with pytest.raises(ValueError, match="give different chunk sizes"):
         O(batch_chunk_size=100, chunking_method="aspect_ratio").chunk_rows(4096, 2048, 32000, 128000)
-    # auto: bounded by the memory budget, at least one row, at most N
+    # auto: the budget, but at least 512 rows unless memory forbids; 1..N rows
+    from fusedce import options
+
+    phys = options._physical_memory()
     rows = O().chunk_rows(32768, 1024, 128256, 128256 * 4)
-    assert 1 <= rows and rows * 128256 * 4 <= 64 << 20
+    assert rows * 128256 * 4 <= phys // 32 and (rows >= 512 or 512 * 128256 * 4 > phys // 32)
+    assert O().chunk_rows(32768, 2048, 1000, 4000) * 4000 <= 64 << 20
     assert O().chunk_rows(5, 8, 10, 40) == 5
     assert O().chunk_rows(5, 8, 10, 1 << 40) == 1
+
+
+def test_chunk_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FUSEDCE_CHUNK_BYTES", str(10 * 4000))
+    assert fusedce.LinearCrossEntropyOptions().chunk_rows(100, 8, 1000, 4000) == 10
+    x, w, b, t = _problem(n=50, d=6, c=1000)
+    # 10 rows per chunk: the same result as one chunk, up to rounding
+    got = fusedce.linear_cross_entropy(x, w, t, linear_bias=b)
+    monkeypatch.delenv("FUSEDCE_CHUNK_BYTES")
+    np.testing.assert_allclose(got, fusedce.linear_cross_entropy(x, w, t, linear_bias=b), rtol=1e-6)
 
 
 def test_acc_dtype_float64_is_more_accurate_for_float32():

@@ -7,9 +7,14 @@ adapter (Vulkan, Metal, D3D12; Mesa's lavapipe in CI).
     >>> fusedce.cross_entropy(logits, target, device="gpu")
 
 What runs where:
-- float32 computes on the device; float16 and bfloat16 are converted to
-  float32 on upload (``shader-f16`` is not used yet) and results rounded back;
-  float64 has no WGSL type: ``device="gpu"`` computes it on the CPU and warns.
+- Arithmetic is float32 on the device. float16 logits (and probability
+  targets) of ``cross_entropy`` stay float16 in device memory on adapters with
+  ``shader-f16`` (half the bytes moved; ``FUSEDCE_GPU_NO_F16=1`` turns it off),
+  else they are converted to float32 on upload; bfloat16, and the half inputs
+  of ``linear_cross_entropy``, are converted to float32 on upload, and results
+  rounded back to the input's dtype. float64: WGSL has no portable f64 (and
+  Vulkan's exp/log have no f64 form), so ``device="gpu"`` computes float64 on
+  the CPU and warns.
 - Per call: inputs uploaded once (in chunks under the adapter's
   ``max_storage_buffer_binding_size`` when larger), one read-back of the
   per-sample losses and gradients. Sums over samples (the reductions) are

@@ -57,7 +57,10 @@ class Context:
             "max-compute-workgroup-storage-size": lim["max-compute-workgroup-storage-size"],
         }
         self.adapter = adapter
-        self.device = adapter.request_device_sync(required_limits=want)
+        self.has_f16 = "shader-f16" in adapter.features and os.environ.get("FUSEDCE_GPU_NO_F16") != "1"
+        self.device = adapter.request_device_sync(
+            required_features=["shader-f16"] if self.has_f16 else [], required_limits=want
+        )
         self.limits = dict(self.device.limits)
         self.max_binding = int(self.limits["max-storage-buffer-binding-size"])
         self.info = dict(adapter.info)
@@ -92,24 +95,29 @@ class Context:
             data=memoryview(arr).cast("B"), usage=self.wgpu.BufferUsage.UNIFORM
         )
 
-    def read(self, buf, n: int) -> np.ndarray:
+    def read(self, buf, n: int, dtype: Any = np.float32) -> np.ndarray:
+        dtype = np.dtype(dtype)
         if n == 0:
-            return np.zeros(0, np.float32)
-        mv = self.device.queue.read_buffer(buf, 0, n * 4)
-        return np.frombuffer(mv, dtype=np.float32, count=n).copy()
+            return np.zeros(0, dtype)
+        nbytes = (n * dtype.itemsize + 3) // 4 * 4
+        mv = self.device.queue.read_buffer(buf, 0, nbytes)
+        return np.frombuffer(mv, dtype=dtype, count=n).copy()
 
     # ---- pipelines ---------------------------------------------------------------
-    def pipeline(self, name: str):
-        p = self._pipelines.get(name)
+    def pipeline(self, name: str, storage: str = "f32"):
+        key = (name, storage)
+        p = self._pipelines.get(key)
         if p is None:
-            module = self.device.create_shader_module(code=_shader(name + ".wgsl"))
-            p = self.device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
-            self._pipelines[name] = (p, p.get_bind_group_layout(0))
-            p = self._pipelines[name]
+            code = _shader(name + ".wgsl").replace("STORAGE", storage)
+            if storage == "f16":
+                code = code.replace("//ENABLE", "enable f16;")
+            module = self.device.create_shader_module(code=code)
+            pipe = self.device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+            p = self._pipelines[key] = (pipe, pipe.get_bind_group_layout(0))
         return p
 
-    def dispatch(self, encoder, name: str, buffers: List[Any], groups: Tuple[int, int]):
-        pipe, layout = self.pipeline(name)
+    def dispatch(self, encoder, name: str, buffers: List[Any], groups: Tuple[int, int], storage: str = "f32"):
+        pipe, layout = self.pipeline(name, storage)
         bg = self.device.create_bind_group(
             layout=layout,
             entries=[{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
@@ -161,21 +169,34 @@ def groups_for(count: int) -> Tuple[int, int]:
 # ---- cross-entropy -----------------------------------------------------------------------
 
 def _ce_dispatch(ctx: Context, enc, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf, samples, classes, spatial,
-                 probs, eps, want_grad):
+                 probs, eps, want_grad, storage="f32"):
     gx, gy = groups_for(samples)
     u = ctx.uniform([("u", samples), ("u", classes), ("u", spatial), ("u", int(probs)),
                      ("f", eps), ("u", int(want_grad)), ("u", gx), ("u", 0)])
-    ctx.dispatch(enc, "ce", [u, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf], (gx, gy))
+    ctx.dispatch(enc, "ce", [u, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf], (gx, gy), storage)
+
+
+def _padded(a: np.ndarray) -> np.ndarray:
+    """``a`` flattened, padded to a multiple of 4 bytes (16-bit storage)."""
+    a = np.ascontiguousarray(a).reshape(-1)
+    if a.nbytes % 4:
+        a = np.concatenate([a, np.zeros(1, a.dtype)])
+    return a
 
 
 def cross_entropy(x: np.ndarray, batch: int, classes: int, spatial: int, tgt: Optional[np.ndarray],
                   probs: Optional[np.ndarray], cw: np.ndarray, scale: np.ndarray, eps: float,
                   want_grad: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Per-sample losses (float32, N*S) and the gradient (float32, x's size)
-    of logits ``x`` laid out (batch, classes, spatial). ``tgt``: int32 class
-    per sample (-1 ignored); ``scale``: upstream gradient per sample."""
+    """Per-sample losses (float32, N*S) and the gradient of logits ``x`` laid
+    out (batch, classes, spatial): float32, or float16 for a float16 input on
+    an adapter with shader-f16 (stored and moved as f16, computed in f32).
+    ``tgt``: int32 class per sample (-1 ignored); ``scale``: upstream
+    gradient per sample."""
     ctx = context()
-    per_sample = classes * spatial * 4
+    half = x.dtype == np.float16 and ctx.has_f16
+    sdt = np.dtype(np.float16 if half else np.float32)
+    storage = "f16" if half else "f32"
+    per_sample = classes * spatial * sdt.itemsize
     # samples per chunk: whole images (all spatial positions of a batch entry)
     # so that a chunk is one contiguous slab under the binding limit.
     img_bytes = per_sample
@@ -187,25 +208,27 @@ def cross_entropy(x: np.ndarray, batch: int, classes: int, spatial: int, tgt: Op
     imgs = max(1, ctx.max_binding // img_bytes)
     xf = x.reshape(-1)
     losses = np.empty(batch * spatial, np.float32)
-    grad = np.empty(xf.shape, np.float32) if want_grad else None
+    grad = np.empty(xf.shape, sdt) if want_grad else None
     wbuf = ctx.buffer_from(cw.astype(np.float32))
+    dummy = ctx.buffer_from(np.zeros(2, sdt))
     for n0 in range(0, batch, imgs):
         n1 = min(batch, n0 + imgs)
         xs = slice(n0 * classes * spatial, n1 * classes * spatial)
         ss = slice(n0 * spatial, n1 * spatial)
         samples = (n1 - n0) * spatial
-        xbuf = ctx.buffer_from(np.asarray(xf[xs], np.float32))
+        xbuf = ctx.buffer_from(_padded(np.asarray(xf[xs], sdt)))
         tbuf = ctx.buffer_from(tgt[ss]) if tgt is not None else ctx.buffer_from(np.zeros(samples, np.int32))
-        pbuf = ctx.buffer_from(np.asarray(probs.reshape(-1)[xs], np.float32)) if probs is not None else ctx._dummy
+        pbuf = (ctx.buffer_from(_padded(np.asarray(probs.reshape(-1)[xs], sdt)))
+                if probs is not None else dummy)
         sbuf = ctx.buffer_from(scale[ss].astype(np.float32))
         lbuf = ctx.empty(samples * 4)
         enc = ctx.encoder()
         _ce_dispatch(ctx, enc, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf, samples, classes, spatial,
-                     probs is not None, eps, want_grad)
+                     probs is not None, eps, want_grad, storage)
         ctx.submit(enc)
         losses[ss] = ctx.read(lbuf, samples)
         if grad is not None:
-            grad[xs] = ctx.read(xbuf, xs.stop - xs.start)
+            grad[xs] = ctx.read(xbuf, xs.stop - xs.start, sdt)
     return losses, grad
 
 

@@ -6,6 +6,12 @@
 // class's target weight (class weight times the smoothed one-hot or
 // probability target). loss = b * log(s) - a. Pass 2 writes the gradient
 // scale * (softmax * b - tw) over the logits.
+//
+// The host substitutes STORAGE: `f32`, or `f16` (with `enable f16;` first,
+// on adapters with shader-f16) for half-precision logits and probabilities,
+// which are widened to f32 on load; all arithmetic is f32.
+//ENABLE
+alias S = STORAGE;
 
 struct Params {
     samples: u32,
@@ -19,9 +25,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> x: array<S>;
 @group(0) @binding(2) var<storage, read> tgt: array<i32>;     // class per sample; -1 = ignored
-@group(0) @binding(3) var<storage, read> prob: array<f32>;    // (N, C, S) probabilities, or 1 dummy
+@group(0) @binding(3) var<storage, read> prob: array<S>;      // (N, C, S) probabilities, or a dummy
 @group(0) @binding(4) var<storage, read> cw: array<f32>;      // (C) class weights
 @group(0) @binding(5) var<storage, read> scale: array<f32>;   // upstream gradient per sample
 @group(0) @binding(6) var<storage, read_write> loss: array<f32>;
@@ -49,7 +55,7 @@ fn merge(p: Acc, q: Acc) -> Acc {
 fn target_weight(c: u32, y: i32, base: u32) -> f32 {
     let C = f32(P.classes);
     if (P.probs == 1u) {
-        let t = prob[base + c * P.spatial];
+        let t = f32(prob[base + c * P.spatial]);
         return cw[c] * (t * (1.0 - P.eps) + P.eps / C);
     }
     var tw = cw[c] * P.eps / C;
@@ -70,7 +76,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc = Acc(-3.0e38, 0.0, 0.0, 0.0);
     if (!ignored) {
         for (var c = lid; c < P.classes; c = c + WG) {
-            let v = x[base + c * P.spatial];
+            let v = f32(x[base + c * P.spatial]);
             let tw = target_weight(c, y, base);
             var one = Acc(v, 1.0, 0.0, tw);
             acc = merge(acc, one);
@@ -99,12 +105,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var c = lid; c < P.classes; c = c + WG) {
             let i = base + c * P.spatial;
             if (ignored) {
-                x[i] = 0.0;
+                x[i] = S(0.0);
             } else {
                 // exp(x - m) / s, not exp(x - (m + log s)): m + log s
                 // would round at the scale of m (1e4 logits lose 1e-4).
-                let p = exp(x[i] - m) * inv_s;
-                x[i] = g * (p * b - target_weight(c, y, base));
+                let p = exp(f32(x[i]) - m) * inv_s;
+                x[i] = S(g * (p * b - target_weight(c, y, base)));
             }
         }
     }
