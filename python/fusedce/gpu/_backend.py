@@ -104,11 +104,15 @@ class Context:
         return np.frombuffer(mv, dtype=dtype, count=n).copy()
 
     # ---- pipelines ---------------------------------------------------------------
-    def pipeline(self, name: str, storage: str = "f32"):
-        key = (name, storage)
+    def pipeline(self, name: str, storage: str = "f32", rows: bool = False):
+        key = (name, storage) if not rows else (name, storage, "rows")
         p = self._pipelines.get(key)
         if p is None:
             code = _shader(name + ".wgsl").replace("STORAGE", storage)
+            if rows:
+                # (N, C) logits: classes are adjacent; a constant stride lets
+                # the compiler vectorise the loads
+                code = code.replace("P.spatial", "1u")
             if storage == "f16":
                 code = code.replace("//ENABLE", "enable f16;")
             module = self.device.create_shader_module(code=code)
@@ -116,8 +120,9 @@ class Context:
             p = self._pipelines[key] = (pipe, pipe.get_bind_group_layout(0))
         return p
 
-    def dispatch(self, encoder, name: str, buffers: List[Any], groups: Tuple[int, int], storage: str = "f32"):
-        pipe, layout = self.pipeline(name, storage)
+    def dispatch(self, encoder, name: str, buffers: List[Any], groups: Tuple[int, int], storage: str = "f32",
+                 rows: bool = False):
+        pipe, layout = self.pipeline(name, storage, rows)
         bg = self.device.create_bind_group(
             layout=layout,
             entries=[{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
@@ -173,7 +178,7 @@ def _ce_dispatch(ctx: Context, enc, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf, samples,
     gx, gy = groups_for(samples)
     u = ctx.uniform([("u", samples), ("u", classes), ("u", spatial), ("u", int(probs)),
                      ("f", eps), ("u", int(want_grad)), ("u", gx), ("u", 0)])
-    ctx.dispatch(enc, "ce", [u, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf], (gx, gy), storage)
+    ctx.dispatch(enc, "ce", [u, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf], (gx, gy), storage, rows=spatial == 1)
 
 
 def _padded(a: np.ndarray) -> np.ndarray:

@@ -1,11 +1,12 @@
 // Fused softmax cross-entropy: one workgroup per sample (a row of (N, C), or a
 // spatial position of (N, C, d1..dK), whose classes are `spatial` apart).
 //
-// Pass 1 reduces, per thread then across the workgroup, the running maximum m,
-// s = sum exp(x - m), b = sum tw and a = sum tw * (x - m), where tw is the
-// class's target weight (class weight times the smoothed one-hot or
-// probability target). loss = b * log(s) - a. Pass 2 writes the gradient
-// scale * (softmax * b - tw) over the logits.
+// Pass 1: the row's maximum m (a workgroup max-reduction). Pass 2: s = sum
+// exp(x - m), b = sum tw and a = sum tw * (x - m), where tw is the class's
+// target weight (class weight times the smoothed one-hot or probability
+// target); loss = b * log(s) - a. Pass 3 writes the gradient
+// scale * (softmax * b - tw) over the logits. One exp per element in each
+// pass that needs one; the row is re-read from memory (or cache) each pass.
 //
 // The host substitutes STORAGE: `f32`, or `f16` (with `enable f16;` first,
 // on adapters with shader-f16) for half-precision logits and probabilities,
@@ -33,24 +34,10 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> loss: array<f32>;
 
 const WG: u32 = 256u;
-var<workgroup> sm: array<f32, 256>;
-var<workgroup> ss: array<f32, 256>;
-var<workgroup> sa: array<f32, 256>;
-var<workgroup> sb: array<f32, 256>;
-
-struct Acc { m: f32, s: f32, a: f32, b: f32, }
-
-fn merge(p: Acc, q: Acc) -> Acc {
-    if (q.s == 0.0 && q.b == 0.0 && q.m == -3.0e38) { return p; }
-    if (p.s == 0.0 && p.b == 0.0 && p.m == -3.0e38) { return q; }
-    let m = max(p.m, q.m);
-    var r: Acc;
-    r.m = m;
-    r.s = p.s * exp(p.m - m) + q.s * exp(q.m - m);
-    r.a = p.a - p.b * (m - p.m) + q.a - q.b * (m - q.m);
-    r.b = p.b + q.b;
-    return r;
-}
+var<workgroup> red_m: array<f32, 256>;
+var<workgroup> red_s: array<f32, 256>;
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<f32, 256>;
 
 fn target_weight(c: u32, y: i32, base: u32) -> f32 {
     let C = f32(P.classes);
@@ -73,32 +60,69 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let y = tgt[sid];
     let ignored = P.probs == 0u && y < 0;
 
-    var acc = Acc(-3.0e38, 0.0, 0.0, 0.0);
+    // pass 1: maximum
+    var mloc = -3.4e38;
     if (!ignored) {
         for (var c = lid; c < P.classes; c = c + WG) {
-            let v = f32(x[base + c * P.spatial]);
-            let tw = target_weight(c, y, base);
-            var one = Acc(v, 1.0, 0.0, tw);
-            acc = merge(acc, one);
+            mloc = max(mloc, f32(x[base + c * P.spatial]));
         }
     }
-    sm[lid] = acc.m; ss[lid] = acc.s; sa[lid] = acc.a; sb[lid] = acc.b;
+    // two-level reductions (16 x 16): 3 barriers rather than log2(256) + 1,
+    // which matters where barriers are expensive (CPU-emulated adapters)
+    red_m[lid] = mloc;
     workgroupBarrier();
-    for (var off = WG / 2u; off > 0u; off = off / 2u) {
-        if (lid < off) {
-            let r = merge(Acc(sm[lid], ss[lid], sa[lid], sb[lid]),
-                          Acc(sm[lid + off], ss[lid + off], sa[lid + off], sb[lid + off]));
-            sm[lid] = r.m; ss[lid] = r.s; sa[lid] = r.a; sb[lid] = r.b;
-        }
-        workgroupBarrier();
+    if (lid < 16u) {
+        var v = red_m[lid * 16u];
+        for (var j = 1u; j < 16u; j++) { v = max(v, red_m[lid * 16u + j]); }
+        red_m[lid * 16u] = v;
     }
-    let m = sm[0];
-    let inv_s = 1.0 / ss[0];
-    let logs = log(ss[0]);
-    let a = sa[0];
-    let b = sb[0];
+    workgroupBarrier();
+    var m = red_m[0];
+    for (var j = 1u; j < 16u; j++) { m = max(m, red_m[j * 16u]); }
+
+    // pass 2: sums relative to m
+    var s = 0.0;
+    var a = 0.0;
+    var b = 0.0;
+    if (!ignored) {
+        for (var c = lid; c < P.classes; c = c + WG) {
+            let v = f32(x[base + c * P.spatial]) - m;
+            let tw = target_weight(c, y, base);
+            s = s + exp(v);
+            a = a + tw * v;
+            b = b + tw;
+        }
+    }
+    red_s[lid] = s;
+    red_a[lid] = a;
+    red_b[lid] = b;
+    workgroupBarrier();
+    if (lid < 16u) {
+        var vs = 0.0;
+        var va = 0.0;
+        var vb = 0.0;
+        for (var j = 0u; j < 16u; j++) {
+            vs = vs + red_s[lid * 16u + j];
+            va = va + red_a[lid * 16u + j];
+            vb = vb + red_b[lid * 16u + j];
+        }
+        red_s[lid * 16u] = vs;
+        red_a[lid * 16u] = va;
+        red_b[lid * 16u] = vb;
+    }
+    workgroupBarrier();
+    var ssum = 0.0;
+    var sa = 0.0;
+    var sb = 0.0;
+    for (var j = 0u; j < 16u; j++) {
+        ssum = ssum + red_s[j * 16u];
+        sa = sa + red_a[j * 16u];
+        sb = sb + red_b[j * 16u];
+    }
+    let inv_s = 1.0 / ssum;
+    let logs = log(ssum);
     if (lid == 0u) {
-        loss[sid] = select(b * logs - a, 0.0, ignored);
+        loss[sid] = select(sb * logs - sa, 0.0, ignored);
     }
     if (P.want_grad == 1u) {
         let g = scale[sid];
@@ -110,7 +134,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 // exp(x - m) / s, not exp(x - (m + log s)): m + log s
                 // would round at the scale of m (1e4 logits lose 1e-4).
                 let p = exp(f32(x[i]) - m) * inv_s;
-                x[i] = S(g * (p * b - target_weight(c, y, base)));
+                x[i] = S(g * (p * sb - target_weight(c, y, base)));
             }
         }
     }

@@ -30,8 +30,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let lid = ty * 16u + tx;
     let row0 = wid.y * TM;
     let col0 = wid.x * TN;
-    var acc: array<array<f32, 4>, 4>;
-    for (var i = 0u; i < 4u; i++) { for (var j = 0u; j < 4u; j++) { acc[i][j] = 0.0; } }
+    // the 4 x 4 block in registers: row i of it is acc_i (columns in a vec4)
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
 
     for (var k0 = 0u; k0 < U.k; k0 = k0 + TK) {
         // 1024 values of each tile, 4 per thread.
@@ -51,24 +54,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk++) {
-            var a: array<f32, 4>;
-            var b: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) { a[i] = As[kk * TM + ty + i * 16u]; }
-            for (var j = 0u; j < 4u; j++) { b[j] = Bs[kk * TN + tx + j * 16u]; }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) { acc[i][j] = fma(a[i], b[j], acc[i][j]); }
-            }
+            let ar = kk * TM + ty;
+            let br = kk * TN + tx;
+            let a = vec4<f32>(As[ar], As[ar + 16u], As[ar + 32u], As[ar + 48u]);
+            let b = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
+            acc0 = fma(vec4<f32>(a.x), b, acc0);
+            acc1 = fma(vec4<f32>(a.y), b, acc1);
+            acc2 = fma(vec4<f32>(a.z), b, acc2);
+            acc3 = fma(vec4<f32>(a.w), b, acc3);
         }
         workgroupBarrier();
     }
+    let blockv = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
     for (var i = 0u; i < 4u; i++) {
         let gm = row0 + ty + i * 16u;
         if (gm >= U.m) { continue; }
+        let rowv = blockv[i];
         for (var j = 0u; j < 4u; j++) {
             let gn = col0 + tx + j * 16u;
             if (gn >= U.n) { continue; }
             let ci = U.c_off + gm * U.c_rs + gn;
-            var v = acc[i][j];
+            var v = rowv[j];
             if (U.has_bias == 1u) { v = v + bias[U.bias_off + gn]; }
             if (U.accumulate == 1u) { v = v + C[ci]; }
             C[ci] = v;
