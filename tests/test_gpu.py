@@ -256,3 +256,47 @@ def test_float16_storage_is_used_when_the_adapter_has_it():
     assert ("ce", "f16") in ctx._pipelines
     lc, gc = fusedce.cross_entropy(x, t, return_grad=True)
     np.testing.assert_allclose(gg.astype(np.float32), gc.astype(np.float32), rtol=2e-3, atol=1e-4)
+
+
+@st.composite
+def lce_problems(draw):
+    n = draw(st.integers(0, 9))
+    d = draw(st.sampled_from([1, 3, 17, 64]))
+    c = draw(st.sampled_from([1, 2, 5, 63, 130]))
+    k = draw(st.integers(0, 1)) if n > 0 else 0
+    out = tuple(draw(st.lists(st.integers(1, 3), min_size=k, max_size=k)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dtype = draw(st.sampled_from([np.float32, np.float16, ml_dtypes.bfloat16]))
+    x = rng.normal(size=(n, d)).astype(dtype)
+    w = (rng.normal(size=(c,) + out + (d,)) / np.sqrt(d)).astype(dtype)
+    b = rng.normal(size=(c,) + out).astype(dtype) if draw(st.booleans()) else None
+    if draw(st.booleans()):
+        t = rng.random(size=(n, c) + out)
+        t = (t / t.sum(axis=1, keepdims=True)).astype(dtype)
+    else:
+        t = rng.integers(0, c, size=(n,) + out)
+    cw = rng.random(c) + 0.5 if draw(st.booleans()) else None
+    red = draw(st.sampled_from(["none", "mean", "sum"]))
+    ls = draw(st.sampled_from([0.0, 0.3]))
+    rows = draw(st.integers(1, max(1, n)))
+    return x, w, b, t, cw, red, ls, rows
+
+
+@needs_gpu
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lce_problems())
+def test_linear_gpu_matches_cpu(p):
+    x, w, b, t, cw, red, ls, rows = p
+    kw = dict(linear_bias=b, weight=cw, reduction=red, label_smoothing=ls, return_grad=True,
+              options=fusedce.LinearCrossEntropyOptions(batch_chunk_size=rows))
+    lc, gc = fusedce.linear_cross_entropy(x, w, t, **kw)
+    lg, gg = fusedce.linear_cross_entropy(x, w, t, **kw, device="gpu")
+    tol = 2e-5 if x.dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(lg.astype(np.float64), lc.astype(np.float64), rtol=tol, atol=tol)
+    for a, e in zip(gg, gc):
+        if e is None:
+            assert a is None
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape
+        scale = max(1e-3, float(np.abs(e.astype(np.float64)).max(initial=0)))
+        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=tol, atol=tol * scale)
