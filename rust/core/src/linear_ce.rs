@@ -29,7 +29,8 @@ use crate::elem::{Elem, Real};
 use crate::error::CeError;
 use crate::simd::Compute;
 use crate::softmax_ce::{
-    cross_entropy, validate_problem, CrossEntropy, GradOutput, Logits, Reduction, Targets,
+    check_len, check_outputs, cross_entropy, validate_problem, CrossEntropy, GradOutput, Logits,
+    Reduction, Targets,
 };
 use crate::threads;
 use gemm::Parallelism;
@@ -70,16 +71,6 @@ pub struct LinearGrads<'a, T> {
     pub input: &'a mut [T],
     pub linear_weight: &'a mut [T],
     pub linear_bias: Option<&'a mut [T]>,
-}
-
-fn check_len(arg: &'static str, got: usize, want: usize, what: &str) -> Result<(), CeError> {
-    if got != want {
-        return Err(CeError::invalid(
-            arg,
-            format!("expected {want} elements ({what}), got {got}"),
-        ));
-    }
-    Ok(())
 }
 
 /// A type the GEMM works in.
@@ -270,25 +261,12 @@ fn run<T: Elem, G: GemmReal>(
             }
         }
     }
-    match (p.reduction, &losses) {
-        (Reduction::None, Some(l)) => check_len("loss", l.len(), samples, "one per sample")?,
-        (Reduction::None, None) => {
-            return Err(CeError::invalid(
-                "loss",
-                "reduction='none' needs an output for per-sample losses",
-            ))
-        }
-        _ => {}
-    }
-    if let GradOutput::PerSample(g) = grad_output {
-        if p.reduction != Reduction::None {
-            return Err(CeError::invalid(
-                "grad_output",
-                "a per-sample grad_output needs reduction='none'",
-            ));
-        }
-        check_len("grad_output", g.len(), samples, "the loss's shape")?;
-    }
+    check_outputs(
+        p.reduction,
+        samples,
+        losses.as_deref().map(<[T]>::len),
+        grad_output,
+    )?;
     let whole = CrossEntropy {
         batch: n,
         classes: c,

@@ -80,7 +80,12 @@ pub enum GradOutput<'a> {
 const ITEM_ELEMS: usize = 1 << 16;
 const SPATIAL_PIECE: usize = 1024;
 
-fn check_len(arg: &'static str, got: usize, want: usize, what: &str) -> Result<(), CeError> {
+pub(crate) fn check_len(
+    arg: &'static str,
+    got: usize,
+    want: usize,
+    what: &str,
+) -> Result<(), CeError> {
     if got != want {
         return Err(CeError::invalid(
             arg,
@@ -105,12 +110,7 @@ where
     T::Acc: Compute,
 {
     let (c, samples) = (p.classes, p.batch * p.spatial);
-    if c == 0 {
-        return Err(CeError::invalid(
-            "input",
-            "expected at least one class, got C = 0",
-        ));
-    }
+    let denom = validate_problem(p)?;
     let numel = samples * c;
     match &logits {
         Logits::Forward(x) => check_len("input", x.len(), numel, "N * C * d1..dK")?,
@@ -120,27 +120,12 @@ where
         }
         Logits::InPlace(x) => check_len("input", x.len(), numel, "N * C * d1..dK")?,
     }
-    match (p.reduction, &losses) {
-        (Reduction::None, Some(l)) => check_len("loss", l.len(), samples, "one per sample")?,
-        (Reduction::None, None) => {
-            return Err(CeError::invalid(
-                "loss",
-                "reduction='none' needs an output for per-sample losses",
-            ))
-        }
-        _ => {}
-    }
-    if let GradOutput::PerSample(g) = grad_output {
-        if p.reduction != Reduction::None {
-            return Err(CeError::invalid(
-                "grad_output",
-                "a per-sample grad_output needs reduction='none'",
-            ));
-        }
-        check_len("grad_output", g.len(), samples, "the loss's shape")?;
-    }
-
-    let denom = validate_problem(p)?;
+    check_outputs(
+        p.reduction,
+        samples,
+        losses.as_deref().map(<[T]>::len),
+        grad_output,
+    )?;
     let g_scalar = match grad_output {
         GradOutput::Scalar(g) => g,
         GradOutput::PerSample(_) => 1.0,
@@ -186,6 +171,37 @@ where
         Reduction::Sum => total,
         Reduction::None => f64::NAN,
     })
+}
+
+/// Checks the per-sample outputs: a loss buffer of one value per sample
+/// exactly for `reduction='none'`, and a per-sample upstream gradient only
+/// with it.
+pub(crate) fn check_outputs(
+    reduction: Reduction,
+    samples: usize,
+    losses_len: Option<usize>,
+    grad_output: GradOutput<'_>,
+) -> Result<(), CeError> {
+    match (reduction, losses_len) {
+        (Reduction::None, Some(l)) => check_len("loss", l, samples, "one per sample")?,
+        (Reduction::None, None) => {
+            return Err(CeError::invalid(
+                "loss",
+                "reduction='none' needs an output for per-sample losses",
+            ))
+        }
+        _ => {}
+    }
+    if let GradOutput::PerSample(g) = grad_output {
+        if reduction != Reduction::None {
+            return Err(CeError::invalid(
+                "grad_output",
+                "a per-sample grad_output needs reduction='none'",
+            ));
+        }
+        check_len("grad_output", g.len(), samples, "the loss's shape")?;
+    }
+    Ok(())
 }
 
 /// Checks everything about a problem that does not depend on the buffers:

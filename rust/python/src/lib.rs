@@ -88,6 +88,53 @@ fn contiguous<'a, E: numpy::Element>(
         .map_err(|_| PyValueError::new_err(format!("{arg}: expected a C-contiguous array")))
 }
 
+/// Borrows an optional array read-only (the guard must outlive the slice).
+fn ro<'py, E: numpy::Element>(
+    arg: &'static str,
+    obj: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<PyReadonlyArrayDyn<'py, E>>> {
+    obj.map(|o| array::<E>(arg, o).map(|a| a.readonly()))
+        .transpose()
+}
+
+/// Borrows an optional array for writing.
+fn rw<'py, E: numpy::Element>(
+    arg: &'static str,
+    obj: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<numpy::PyReadwriteArrayDyn<'py, E>>> {
+    obj.map(|o| {
+        array::<E>(arg, o)?
+            .try_readwrite()
+            .map_err(|e| PyValueError::new_err(format!("{arg}: {e}")))
+    })
+    .transpose()
+}
+
+/// Class indices or probabilities, exactly one of them.
+fn targets_of<'a, T: Storage>(
+    idx: &'a Option<PyReadonlyArrayDyn<'_, i64>>,
+    probs: &'a Option<PyReadonlyArrayDyn<'_, T::Np>>,
+) -> PyResult<core::Targets<'a, T>> {
+    match (idx, probs) {
+        (Some(i), None) => Ok(core::Targets::Index(contiguous("target", i)?)),
+        (None, Some(p)) => Ok(core::Targets::Probs(T::view(contiguous("target", p)?))),
+        _ => Err(PyValueError::new_err(
+            "target: pass exactly one of class indices or probabilities",
+        )),
+    }
+}
+
+/// The upstream gradient: per sample when an array is given, else a scalar (default 1).
+fn grad_output_of<'a>(
+    scalar: Option<f64>,
+    array: &'a Option<PyReadonlyArrayDyn<'_, f64>>,
+) -> PyResult<core::GradOutput<'a>> {
+    Ok(match array.as_ref() {
+        Some(a) => core::GradOutput::PerSample(contiguous("grad_output", a)?),
+        None => core::GradOutput::Scalar(scalar.unwrap_or(1.0)),
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn ce_typed<T: Storage>(
     py: Python<'_>,
@@ -107,38 +154,13 @@ fn ce_typed<T: Storage>(
     grad_out: Option<&Bound<'_, PyAny>>,
     losses: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<f64> {
-    let idx = target_index
-        .map(|t| array::<i64>("target", t))
-        .transpose()?;
-    let idx = idx.as_ref().map(|a| a.readonly());
-    let probs = target_probs
-        .map(|t| array::<T::Np>("target", t))
-        .transpose()?;
-    let probs = probs.as_ref().map(|a| a.readonly());
-    let targets = match (&idx, &probs) {
-        (Some(i), None) => core::Targets::Index(contiguous("target", i)?),
-        (None, Some(p)) => core::Targets::Probs(T::view(contiguous("target", p)?)),
-        _ => {
-            return Err(PyValueError::new_err(
-                "target: pass exactly one of class indices or probabilities",
-            ))
-        }
-    };
-    let w = weight.map(|w| array::<f64>("weight", w)).transpose()?;
-    let w = w.as_ref().map(|a| a.readonly());
+    let idx = ro::<i64>("target", target_index)?;
+    let probs = ro::<T::Np>("target", target_probs)?;
+    let targets = targets_of::<T>(&idx, &probs)?;
+    let w = ro::<f64>("weight", weight)?;
     let w = w.as_ref().map(|a| contiguous("weight", a)).transpose()?;
-    let go = grad_output_array
-        .map(|g| array::<f64>("grad_output", g))
-        .transpose()?;
-    let go = go.as_ref().map(|a| a.readonly());
-    let go = match go
-        .as_ref()
-        .map(|a| contiguous("grad_output", a))
-        .transpose()?
-    {
-        Some(g) => core::GradOutput::PerSample(g),
-        None => core::GradOutput::Scalar(grad_output.unwrap_or(1.0)),
-    };
+    let go = ro::<f64>("grad_output", grad_output_array)?;
+    let go = grad_output_of(grad_output, &go)?;
     let problem = core::CrossEntropy {
         batch,
         classes,
@@ -265,28 +287,6 @@ fn cross_entropy(
     }
 }
 
-/// Borrows an optional array read-only (the guard must outlive the slice).
-fn ro<'py, E: numpy::Element>(
-    arg: &'static str,
-    obj: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Option<PyReadonlyArrayDyn<'py, E>>> {
-    obj.map(|o| array::<E>(arg, o).map(|a| a.readonly()))
-        .transpose()
-}
-
-/// Borrows an optional array for writing.
-fn rw<'py, E: numpy::Element>(
-    arg: &'static str,
-    obj: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Option<numpy::PyReadwriteArrayDyn<'py, E>>> {
-    obj.map(|o| {
-        array::<E>(arg, o)?
-            .try_readwrite()
-            .map_err(|e| PyValueError::new_err(format!("{arg}: {e}")))
-    })
-    .transpose()
-}
-
 fn slice_mut<'a, E: numpy::Element>(
     arg: &str,
     a: &'a mut numpy::PyReadwriteArrayDyn<'_, E>,
@@ -321,25 +321,10 @@ fn lce_typed<T: Storage>(
     let b = ro::<T::Np>("linear_bias", linear_bias)?;
     let idx = ro::<i64>("target", target_index)?;
     let probs = ro::<T::Np>("target", target_probs)?;
-    let targets = match (&idx, &probs) {
-        (Some(i), None) => core::Targets::Index(contiguous("target", i)?),
-        (None, Some(p)) => core::Targets::Probs(T::view(contiguous("target", p)?)),
-        _ => {
-            return Err(PyValueError::new_err(
-                "target: pass exactly one of class indices or probabilities",
-            ))
-        }
-    };
+    let targets = targets_of::<T>(&idx, &probs)?;
     let cw = ro::<f64>("weight", weight)?;
     let go = ro::<f64>("grad_output", grad_output_array)?;
-    let go = match go
-        .as_ref()
-        .map(|a| contiguous("grad_output", a))
-        .transpose()?
-    {
-        Some(g) => core::GradOutput::PerSample(g),
-        None => core::GradOutput::Scalar(grad_output.unwrap_or(1.0)),
-    };
+    let go = grad_output_of(grad_output, &go)?;
     let problem = core::LinearCrossEntropy {
         batch,
         in_features,
