@@ -298,7 +298,13 @@ def linear_cross_entropy(x: np.ndarray, res: ResidentWeight, classes: int, spati
                          scale: np.ndarray, eps: float, rows: int, want_grad: bool):
     """Per-sample losses, and (dx, dw, db) in float32 when ``want_grad``:
     chunks of ``rows`` rows; per chunk L = x_c·Wᵀ (+b) into one device buffer,
-    CE in place, dX_c = dL·W, dW += dLᵀ·x_c, db += column sums of dL."""
+    CE in place, dX_c = dL·W, dW += dLᵀ·x_c, db += column sums of dL.
+
+    Transfers: the input rows, targets and scales are uploaded once and copied
+    into the chunk buffers on the device; losses and dX are copied into whole
+    result buffers; everything is encoded into one submission (one per chunk
+    with probability targets, which are uploaded chunk by chunk) and read back
+    once at the end."""
     ctx = res.ctx
     n, d = x.shape
     cs = classes * spatial
@@ -307,34 +313,47 @@ def linear_cross_entropy(x: np.ndarray, res: ResidentWeight, classes: int, spati
             f"linear_weight: one row of logits ({cs} values) exceeds the adapter's "
             f"max_storage_buffer_binding_size ({ctx.max_binding} bytes)"
         )
+    max_buffer = int(ctx.limits["max-buffer-size"])
+    if n * max(d, spatial) * 4 > max_buffer:
+        raise ValueError(
+            f"input: {n} rows of {d} features exceed the adapter's max_buffer_size ({max_buffer} bytes); "
+            "split the batch or use device='cpu'"
+        )
     rows = max(1, min(rows, ctx.max_binding // (cs * 4), ctx.max_binding // max(1, d * 4), max(1, n)))
-    losses = np.empty(n * spatial, np.float32)
-    dx = np.empty((n, d), np.float32) if want_grad else None
+    samples_all = n * spatial
+    xall = ctx.buffer_from(np.asarray(x, np.float32))
+    tall = ctx.buffer_from(tgt if tgt is not None else np.zeros(max(1, samples_all), np.int32))
+    sall = ctx.buffer_from(scale.astype(np.float32))
+    lossall = ctx.empty(samples_all * 4)
+    dxall = ctx.empty(n * d * 4) if want_grad else None
     wbuf = ctx.buffer_from(cw.astype(np.float32))
     dws = [ctx.zeros((j1 - j0) * d) for (j0, j1, _) in res.blocks] if want_grad else []
     db = ctx.zeros(cs) if (want_grad and res.bias is not None) else None
     lbuf = ctx.empty(rows * cs * 4)
+    xbuf = ctx.empty(rows * d * 4)
+    tbuf = ctx.empty(rows * spatial * 4)
+    sbuf = ctx.empty(rows * spatial * 4)
+    lossbuf = ctx.empty(rows * spatial * 4)
+    dxbuf = ctx.empty(rows * d * 4) if want_grad else None
+    enc = ctx.encoder()
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         nr = r1 - r0
-        xbuf = ctx.buffer_from(np.asarray(x[r0:r1], np.float32))
-        enc = ctx.encoder()
+        samples = nr * spatial
+        if d:
+            enc.copy_buffer_to_buffer(xall, r0 * d * 4, xbuf, 0, nr * d * 4)
+        enc.copy_buffer_to_buffer(tall, r0 * spatial * 4, tbuf, 0, samples * 4)
+        enc.copy_buffer_to_buffer(sall, r0 * spatial * 4, sbuf, 0, samples * 4)
         for (j0, j1, wb) in res.blocks:
             # L[:, j0:j1] = x_c · W_blkᵀ (+ b)
             _matmul(ctx, enc, nr, j1 - j0, d, xbuf, 0, d, 1, wb, 0, 1, d, lbuf, j0, cs,
                     bias=res.bias, bias_off=j0)
-        ss = slice(r0 * spatial, r1 * spatial)
-        samples = nr * spatial
-        tbuf = ctx.buffer_from(tgt[ss]) if tgt is not None else ctx.buffer_from(np.zeros(samples, np.int32))
         pbuf = (ctx.buffer_from(np.asarray(probs[r0 * cs:r1 * cs], np.float32))
                 if probs is not None else ctx._dummy)
-        sbuf = ctx.buffer_from(scale[ss].astype(np.float32))
-        lossbuf = ctx.empty(samples * 4)
         _ce_dispatch(ctx, enc, lbuf, tbuf, pbuf, wbuf, sbuf, lossbuf, samples, classes, spatial,
                      probs is not None, eps, want_grad)
-        dxbuf = None
+        enc.copy_buffer_to_buffer(lossbuf, 0, lossall, r0 * spatial * 4, samples * 4)
         if want_grad:
-            dxbuf = ctx.empty(nr * d * 4)
             for bi, (j0, j1, wb) in enumerate(res.blocks):
                 # dX_c (+)= dL[:, j0:j1] · W_blk
                 _matmul(ctx, enc, nr, d, j1 - j0, lbuf, j0, cs, 1, wb, 0, d, 1, dxbuf, 0, d,
@@ -342,16 +361,22 @@ def linear_cross_entropy(x: np.ndarray, res: ResidentWeight, classes: int, spati
                 # dW_blk += dL[:, j0:j1]ᵀ · x_c
                 _matmul(ctx, enc, j1 - j0, d, nr, lbuf, j0, 1, cs, xbuf, 0, d, 1, dws[bi], 0, d,
                         accumulate=True)
+            if d:
+                enc.copy_buffer_to_buffer(dxbuf, 0, dxall, r0 * d * 4, nr * d * 4)
             if db is not None:
                 u = ctx.uniform([("u", nr), ("u", cs), ("u", 0), ("u", 0)])
                 ctx.dispatch(enc, "colsum", [u, lbuf, db], groups_for(math.ceil(cs / 256)))
-        ctx.submit(enc)
-        losses[ss] = ctx.read(lossbuf, samples)
-        if dxbuf is not None:
-            dx[r0:r1] = ctx.read(dxbuf, nr * d).reshape(nr, d)
+        if probs is not None:
+            # the chunk's probabilities were uploaded for this chunk alone
+            ctx.submit(enc)
+            enc = ctx.encoder()
+    ctx.submit(enc)
+    losses = ctx.read(lossall, samples_all)
     if not want_grad:
         return losses, None
-    dw = np.concatenate([ctx.read(b, (j1 - j0) * d) for b, (j0, j1, _) in zip(dws, res.blocks)]) if dws else np.zeros(0, np.float32)
+    dx = ctx.read(dxall, n * d).reshape(n, d)
+    dw = (np.concatenate([ctx.read(b, (j1 - j0) * d) for b, (j0, j1, _) in zip(dws, res.blocks)])
+          if dws else np.zeros(0, np.float32))
     dbv = ctx.read(db, cs) if db is not None else None
     return losses, (dx, dw, dbv)
 
