@@ -15,10 +15,13 @@ What runs where:
   rounded back to the input's dtype. float64: WGSL has no portable f64 (and
   Vulkan's exp/log have no f64 form), so ``device="gpu"`` computes float64 on
   the CPU and warns.
-- Per call: inputs uploaded once (in chunks under the adapter's
-  ``max_storage_buffer_binding_size`` when larger), one read-back of the
-  per-sample losses and gradients. Sums over samples (the reductions) are
-  done on the host in float64, in order.
+- Transfers: ``linear_cross_entropy`` uploads the rows, targets and scales
+  once, copies chunks on the device, submits once (once per chunk with
+  probability targets) and reads losses and gradients back once.
+  ``cross_entropy`` does one upload and one read-back per slab of logits that
+  fits the adapter's ``max_storage_buffer_binding_size`` (one slab unless the
+  logits are larger). Sums over samples (the reductions) are done on the host
+  in float64, in order.
 - ``device="auto"`` picks the GPU only for problems large enough to pay for
   the transfers (``AUTO_MIN_ELEMENTS`` logits, or ``AUTO_MIN_FLOPS`` for
   linear_cross_entropy) and only when an adapter other than a CPU emulation
