@@ -100,6 +100,15 @@ fn same_type_mut<T: Elem, G: Real>(dst: &mut [T]) -> Option<&mut [G]> {
 
 const CONVERT_PIECE: usize = 1 << 16;
 
+fn reserve<G>(v: &mut Vec<G>, len: usize, what: &str) -> Result<(), CeError> {
+    v.try_reserve_exact(len).map_err(|_| {
+        CeError::Resource(format!(
+            "could not allocate {what}: {} bytes; choose a smaller batch_chunk_size",
+            len.saturating_mul(std::mem::size_of::<G>())
+        ))
+    })
+}
+
 /// `dst[i] = src[i]` converted, in parallel pieces.
 fn convert<A: Elem, B: Elem>(src: &[A], dst: &mut [B]) {
     dst.par_chunks_mut(CONVERT_PIECE)
@@ -283,15 +292,32 @@ fn run<T: Elem, G: GemmReal>(
 
     let pool = threads::pool()?;
     let nthreads = pool.current_num_threads();
+    let rows = p.chunk_rows.min(n.max(1));
+    let converts = TypeId::of::<T>() != TypeId::of::<G>();
     pool.install(|| -> Result<f64, CeError> {
+        // The large buffers are reserved up front, so that a chunk or weight
+        // too large for this machine is an error, not an abort.
         let mut w_buf: Vec<G> = Vec::new();
+        let mut dw_buf: Vec<G> = Vec::new();
+        let mut logits: Vec<G> = Vec::new();
+        if converts {
+            reserve(&mut w_buf, cs * d, "a float32 copy of linear_weight")?;
+            if grads.is_some() {
+                reserve(&mut dw_buf, cs * d, "the weight-gradient accumulator")?;
+            }
+        }
+        reserve(
+            &mut logits,
+            rows * cs,
+            "the logits chunk (rows x C x d1..dK)",
+        )?;
+        logits.resize(rows * cs, G::ZERO);
         let w = widen::<T, G>(p.linear_weight, &mut w_buf);
         let mut b_buf: Vec<G> = Vec::new();
         let bias = p.linear_bias.map(|b| widen::<T, G>(b, &mut b_buf));
 
         // Gradient accumulators: the outputs themselves when they are of
         // type G, else G buffers rounded into the outputs at the end.
-        let mut dw_buf: Vec<G> = Vec::new();
         let want_grad = grads.is_some();
         let (mut gx, gw, gb) = match grads {
             Some(g) => (Some(g.input), Some(g.linear_weight), g.linear_bias),
@@ -319,8 +345,6 @@ fn run<T: Elem, G: GemmReal>(
             None => None,
         };
 
-        let rows = p.chunk_rows.min(n.max(1));
-        let mut logits: Vec<G> = vec![G::ZERO; rows * cs];
         let mut x_buf: Vec<G> = Vec::new();
         let mut dx_buf: Vec<G> = Vec::new();
         let mut t_buf: Vec<G> = Vec::new();
