@@ -308,10 +308,10 @@ fn run<T: Elem, G: GemmReal>(
         }
         reserve(
             &mut logits,
-            rows * cs,
+            rows.saturating_mul(cs),
             "the logits chunk (rows x C x d1..dK)",
         )?;
-        logits.resize(rows * cs, G::ZERO);
+        logits.resize(rows.saturating_mul(cs), G::ZERO);
         let w = widen::<T, G>(p.linear_weight, &mut w_buf);
         let mut b_buf: Vec<G> = Vec::new();
         let bias = p.linear_bias.map(|b| widen::<T, G>(b, &mut b_buf));
