@@ -317,6 +317,7 @@ def cross_entropy(
         if not return_grad:
             return loss
         out = x if mode == "inplace" else grad
+        assert out is not None and g is not None  # return_grad: a buffer and a gradient exist
         out[...] = g.reshape(x.shape)
         return loss, out
     losses = np.empty(loss_shape, dtype=x.dtype) if reduction == "none" else None
@@ -332,7 +333,9 @@ def cross_entropy(
     loss = losses if losses is not None else np.asarray(value, dtype=x.dtype)
     if not return_grad:
         return loss
-    return loss, (x if mode == "inplace" else grad)
+    out = x if mode == "inplace" else grad
+    assert out is not None  # return_grad: _grad_buffer gave a buffer
+    return loss, out
 
 
 class LinearCrossEntropyGrads(NamedTuple):

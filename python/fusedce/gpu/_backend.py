@@ -64,7 +64,7 @@ class Context:
         self.limits = dict(self.device.limits)
         self.max_binding = int(self.limits["max-storage-buffer-binding-size"])
         self.info = dict(adapter.info)
-        self._pipelines: Dict[str, Any] = {}
+        self._pipelines: Dict[Tuple[str, ...], Any] = {}
         self._dummy = self.buffer_from(np.zeros(4, np.float32))
 
     # ---- buffers -----------------------------------------------------------------
@@ -73,7 +73,7 @@ class Context:
         a = np.ascontiguousarray(a)
         data = a if a.nbytes >= 4 else np.zeros(4, np.uint8)
         return self.device.create_buffer_with_data(
-            data=memoryview(data).cast("B"),
+            data=data.data.cast("B"),
             usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST | extra_usage,
         )
 
@@ -92,7 +92,7 @@ class Context:
         for i, (kind, v) in enumerate(values):
             arr[i] = np.array(v, dtype=np.float32).view(np.uint32) if kind == "f" else np.uint32(v)
         return self.device.create_buffer_with_data(
-            data=memoryview(arr).cast("B"), usage=self.wgpu.BufferUsage.UNIFORM
+            data=arr.data.cast("B"), usage=self.wgpu.BufferUsage.UNIFORM
         )
 
     def read(self, buf, n: int, dtype: Any = np.float32) -> np.ndarray:
@@ -105,7 +105,7 @@ class Context:
 
     # ---- pipelines ---------------------------------------------------------------
     def pipeline(self, name: str, storage: str = "f32", rows: bool = False):
-        key = (name, storage) if not rows else (name, storage, "rows")
+        key: Tuple[str, ...] = (name, storage) if not rows else (name, storage, "rows")
         p = self._pipelines.get(key)
         if p is None:
             code = _shader(name + ".wgsl").replace("STORAGE", storage)
