@@ -376,3 +376,26 @@ def test_training_example_reaches_its_stated_accuracy():
     path = Path(__file__).parent.parent / "examples" / "train_classifier.py"
     mod = runpy.run_path(str(path), run_name="example")
     assert mod["main"](["--epochs", "3"]) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, "f32-acc64"])
+def test_weight_converted_in_blocks_matches_whole_copy(dtype, monkeypatch):
+    """A weight too large to copy whole (FUSEDCE_WEIGHT_COPY_BYTES=0 here) is
+    converted block by block of classes (16 MiB each: 3 blocks here)."""
+    opts = None
+    if dtype == "f32-acc64":
+        dtype, opts = np.float32, fusedce.LinearCrossEntropyOptions(acc_dtype=np.float64)
+    rng = np.random.default_rng(5)
+    n, d, c = 6, 128, 40_000  # float32 copy 20 MB (float64: 41 MB)
+    x = rng.normal(size=(n, d)).astype(dtype)
+    w = (rng.normal(size=(c, d)) / np.sqrt(d)).astype(dtype)
+    b = rng.normal(size=c).astype(dtype)
+    t = rng.integers(0, c, n)
+    kw = dict(linear_bias=b, label_smoothing=0.1, return_grad=True, options=opts)
+    whole = fusedce.linear_cross_entropy(x, w, t, **kw)
+    monkeypatch.setenv("FUSEDCE_WEIGHT_COPY_BYTES", "0")
+    blocks = fusedce.linear_cross_entropy(x, w, t, **kw)
+    np.testing.assert_allclose(float(blocks[0]), float(whole[0]), rtol=1e-6)
+    for a, e in zip(blocks[1], whole[1]):
+        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=1e-2,
+                                   atol=1e-2 * float(np.abs(e.astype(np.float64)).max()))

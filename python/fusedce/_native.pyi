@@ -44,6 +44,7 @@ def linear_cross_entropy(
     grad_output_array: Optional[np.ndarray],
     chunk_rows: int,
     acc_f64: bool,
+    max_weight_copy: int,
     grad_input: Optional[np.ndarray],
     grad_linear_weight: Optional[np.ndarray],
     grad_linear_bias: Optional[np.ndarray],

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _native
 from ._arrays import as_array, float_kind, is_floating, native_view, shape_str
-from .options import LinearCrossEntropyOptions
+from .options import LinearCrossEntropyOptions, weight_copy_limit
 
 Reduction = Literal["none", "mean", "sum"]
 _REDUCTIONS = ("none", "mean", "sum")
@@ -416,8 +416,10 @@ def linear_cross_entropy(
         ``(N, d1..dK)`` for ``"none"``), or ``(loss, LinearCrossEntropyGrads)``.
 
     Memory beyond the inputs and the returned arrays: one logits chunk; for
-    half inputs also a float32 copy of ``linear_weight`` and, with gradients,
-    a float32 accumulator of its gradient.
+    half inputs also a float32 copy of ``linear_weight`` (when it is under a
+    16th of physical memory; a larger weight is converted in 64 MiB blocks of
+    classes inside every chunk) and, with gradients, a float32 accumulator of
+    its gradient.
 
     Raises:
         IndexError: a class index out of range.
@@ -519,7 +521,7 @@ def linear_cross_entropy(
         kind, batch, in_features, classes, spatial,
         targets.index, None if targets.probs is None else native_view(targets.probs),
         cw, ii, reduction, float(label_smoothing),
-        g_scalar, g_array, rows, g_dtype == np.float64 and x.dtype != np.float64,
+        g_scalar, g_array, rows, g_dtype == np.float64 and x.dtype != np.float64, weight_copy_limit(),
         None if grads is None else native_view(grads.input),
         None if grads is None else native_view(grads.linear_weight),
         None if grads is None or grads.linear_bias is None else native_view(grads.linear_bias),

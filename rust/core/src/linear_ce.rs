@@ -64,6 +64,11 @@ pub struct LinearCrossEntropy<'a, T> {
     pub chunk_rows: usize,
     /// Compute in `f64` whatever the input type.
     pub acc_f64: bool,
+    /// When the weight must be converted to the compute type (half inputs,
+    /// or `acc_f64`), the largest converted copy (bytes) kept for the whole
+    /// call; a larger weight is converted block by block of classes inside
+    /// every chunk instead (more conversions, memory bounded by a block).
+    pub max_weight_copy: usize,
 }
 
 /// Where the gradients go: shapes of `input`, `linear_weight`, `linear_bias`.
@@ -140,6 +145,48 @@ fn widen<'b, T: Elem, G: Real>(src: &'b [T], buf: &'b mut Vec<G>) -> &'b [G] {
                 convert(src, buf);
             }
             buf
+        }
+    }
+}
+
+/// Bytes of one converted weight block (when the weight is not kept whole);
+/// small under test, so that unit tests cover many blocks.
+const WEIGHT_BLOCK_BYTES: usize = if cfg!(test) { 4096 } else { 64 << 20 };
+
+/// The weight in the compute type, whole or block by block of classes.
+struct Weight<'a, T, G> {
+    src: &'a [T],
+    whole: Option<&'a [G]>,
+    block: Vec<G>,
+    /// Classes per block.
+    rows: usize,
+    /// Classes in all (C * d1..dK).
+    classes: usize,
+    d: usize,
+}
+
+impl<'a, T: Elem, G: Real> Weight<'a, T, G> {
+    /// Calls `f(j0, j1, w)` for consecutive class ranges covering all
+    /// classes, with `w` the weight rows `j0..j1` in type `G`.
+    /// There is always at least one call (with `d == 0` or no classes the
+    /// products still have to write their zeros or bias).
+    fn blocks(&mut self, mut f: impl FnMut(usize, usize, &[G])) {
+        let classes = self.classes;
+        if let Some(w) = self.whole {
+            f(0, classes, w);
+            return;
+        }
+        if classes == 0 || self.d == 0 {
+            f(0, classes, &[]);
+            return;
+        }
+        let d = self.d;
+        let mut j0 = 0;
+        while j0 < classes {
+            let j1 = (j0 + self.rows).min(classes);
+            let w = widen::<T, G>(&self.src[j0 * d..j1 * d], &mut self.block);
+            f(j0, j1, w);
+            j0 = j1;
         }
     }
 }
@@ -300,11 +347,12 @@ fn run<T: Elem, G: GemmReal>(
         let mut w_buf: Vec<G> = Vec::new();
         let mut dw_buf: Vec<G> = Vec::new();
         let mut logits: Vec<G> = Vec::new();
-        if converts {
+        let whole_copy = !converts || cs * d * std::mem::size_of::<G>() <= p.max_weight_copy;
+        if converts && whole_copy {
             reserve(&mut w_buf, cs * d, "a float32 copy of linear_weight")?;
-            if grads.is_some() {
-                reserve(&mut dw_buf, cs * d, "the weight-gradient accumulator")?;
-            }
+        }
+        if converts && grads.is_some() {
+            reserve(&mut dw_buf, cs * d, "the weight-gradient accumulator")?;
         }
         reserve(
             &mut logits,
@@ -312,7 +360,18 @@ fn run<T: Elem, G: GemmReal>(
             "the logits chunk (rows x C x d1..dK)",
         )?;
         logits.resize(rows.saturating_mul(cs), G::ZERO);
-        let w = widen::<T, G>(p.linear_weight, &mut w_buf);
+        let mut weight = Weight {
+            src: p.linear_weight,
+            whole: if whole_copy {
+                Some(widen::<T, G>(p.linear_weight, &mut w_buf))
+            } else {
+                None
+            },
+            block: Vec::new(),
+            rows: (WEIGHT_BLOCK_BYTES / (d.max(1) * std::mem::size_of::<G>())).max(1),
+            classes: cs,
+            d,
+        };
         let mut b_buf: Vec<G> = Vec::new();
         let bias = p.linear_bias.map(|b| widen::<T, G>(b, &mut b_buf));
 
@@ -366,7 +425,23 @@ fn run<T: Elem, G: GemmReal>(
             if let Some(b) = bias {
                 l.par_chunks_mut(cs).for_each(|row| row.copy_from_slice(b));
             }
-            matmul(nr, cs, d, l, cs, bias.is_some(), x, d, 1, w, 1, d, nthreads);
+            weight.blocks(|j0, j1, w| {
+                matmul(
+                    nr,
+                    j1 - j0,
+                    d,
+                    &mut l[j0..],
+                    cs,
+                    bias.is_some(),
+                    x,
+                    d,
+                    1,
+                    w,
+                    1,
+                    d,
+                    nthreads,
+                )
+            });
 
             // 2. cross-entropy, gradient in place
             let targets = match p.targets {
@@ -418,31 +493,53 @@ fn run<T: Elem, G: GemmReal>(
             if let Some(gx) = gx.as_deref_mut() {
                 let l = &*l;
                 let dx_out = &mut gx[r0 * d..r1 * d];
-                match same_type_mut::<T, G>(dx_out) {
-                    Some(out) => matmul(nr, d, cs, out, d, false, l, cs, 1, w, d, 1, nthreads),
-                    None => {
-                        dx_buf.resize(nr * d, G::ZERO);
+                let direct = same_type_mut::<T, G>(&mut *dx_out).is_some();
+                if !direct {
+                    dx_buf.resize(nr * d, G::ZERO);
+                }
+                let mut dw = dw.as_deref_mut();
+                weight.blocks(|j0, j1, w| {
+                    // dX (nr x d) (+)= dL[:, j0..j1] · W[j0..j1]
+                    let dx: &mut [G] = match same_type_mut::<T, G>(&mut *dx_out) {
+                        Some(out) => out,
+                        None => &mut dx_buf[..nr * d],
+                    };
+                    matmul(
+                        nr,
+                        d,
+                        j1 - j0,
+                        dx,
+                        d,
+                        j0 > 0,
+                        &l[j0..],
+                        cs,
+                        1,
+                        w,
+                        d,
+                        1,
+                        nthreads,
+                    );
+                    // dW[j0..j1] (+)= dL[:, j0..j1]ᵀ · x (nr x d)
+                    if let Some(dw) = dw.as_deref_mut() {
                         matmul(
+                            j1 - j0,
+                            d,
                             nr,
+                            &mut dw[j0 * d..j1 * d],
                             d,
-                            cs,
-                            &mut dx_buf,
-                            d,
-                            false,
-                            l,
-                            cs,
+                            true,
+                            &l[j0..],
                             1,
-                            w,
+                            cs,
+                            x,
                             d,
                             1,
                             nthreads,
                         );
-                        convert(&dx_buf[..nr * d], dx_out);
                     }
-                }
-                if let Some(dw) = dw.as_deref_mut() {
-                    // dW (cs x d) += dLᵀ (cs x nr) · x (nr x d)
-                    matmul(cs, d, nr, dw, d, true, l, 1, cs, x, d, 1, nthreads);
+                });
+                if !direct {
+                    convert(&dx_buf[..nr * d], dx_out);
                 }
                 if !db.is_empty() {
                     db.par_chunks_mut(BIAS_PIECE)
@@ -552,6 +649,7 @@ mod tests {
             label_smoothing: 0.1,
             chunk_rows: rows,
             acc_f64: false,
+            max_weight_copy: usize::MAX,
         }
     }
 
@@ -710,6 +808,46 @@ mod tests {
         let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
         close("dx", &f(&gx), &dx, 1e-2);
         close("dw", &f(&gw), &dw, 1e-2);
+    }
+
+    #[test]
+    fn weight_converted_block_by_block_matches_the_whole_copy() {
+        // under test a block holds 4096 / (4 * 8) = 128 classes: 5 blocks
+        let (n, d, c) = (9, 8, 4 * 128 + 37);
+        let dt = data(n, d, c, 1, 13);
+        let weight = vec![1.0; c];
+        let r = |v: &[f64]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f64(x)).collect() };
+        let (x, w, b) = (r(&dt.x), r(&dt.w), r(&dt.b));
+        let run = |limit: usize| {
+            let p = LinearCrossEntropy {
+                max_weight_copy: limit,
+                ..problem(&dt, &x, &w, &b, &weight, 4)
+            };
+            let (mut gx, mut gw, mut gb) = (
+                vec![bf16::ZERO; x.len()],
+                vec![bf16::ZERO; w.len()],
+                vec![bf16::ZERO; b.len()],
+            );
+            let l = linear_cross_entropy(
+                &p,
+                GradOutput::Scalar(1.0),
+                Some(LinearGrads {
+                    input: &mut gx,
+                    linear_weight: &mut gw,
+                    linear_bias: Some(&mut gb),
+                }),
+                None,
+            )
+            .unwrap();
+            (l, gx, gw, gb)
+        };
+        let whole = run(usize::MAX);
+        let blocks = run(0);
+        assert!((whole.0 - blocks.0).abs() <= 1e-6 * whole.0.abs());
+        let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+        close("dx", &f(&blocks.1), &f(&whole.1), 1e-2);
+        close("dw", &f(&blocks.2), &f(&whole.2), 1e-2);
+        assert_eq!(whole.3, blocks.3);
     }
 
     #[test]

@@ -312,6 +312,7 @@ fn lce_typed<T: Storage>(
     grad_output_array: Option<&Bound<'_, PyAny>>,
     chunk_rows: usize,
     acc_f64: bool,
+    max_weight_copy: usize,
     grads: [Option<&Bound<'_, PyAny>>; 3],
     losses: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<f64> {
@@ -343,6 +344,7 @@ fn lce_typed<T: Storage>(
         label_smoothing,
         chunk_rows,
         acc_f64,
+        max_weight_copy,
     };
     let [gx, gw, gb] = grads;
     let mut gx = rw::<T::Np>("grad_input", gx)?;
@@ -381,7 +383,7 @@ fn lce_typed<T: Storage>(
 #[pyfunction]
 #[pyo3(signature = (input, linear_weight, linear_bias, dtype, batch, in_features, classes, spatial,
                     target_index, target_probs, weight, ignore_index, reduction, label_smoothing,
-                    grad_output, grad_output_array, chunk_rows, acc_f64,
+                    grad_output, grad_output_array, chunk_rows, acc_f64, max_weight_copy,
                     grad_input, grad_linear_weight, grad_linear_bias, losses))]
 #[allow(clippy::too_many_arguments)]
 fn linear_cross_entropy(
@@ -404,6 +406,7 @@ fn linear_cross_entropy(
     grad_output_array: Option<&Bound<'_, PyAny>>,
     chunk_rows: usize,
     acc_f64: bool,
+    max_weight_copy: usize,
     grad_input: Option<&Bound<'_, PyAny>>,
     grad_linear_weight: Option<&Bound<'_, PyAny>>,
     grad_linear_bias: Option<&Bound<'_, PyAny>>,
@@ -428,6 +431,7 @@ fn linear_cross_entropy(
                 grad_output_array,
                 chunk_rows,
                 acc_f64,
+                max_weight_copy,
                 [grad_input, grad_linear_weight, grad_linear_bias],
                 losses,
             )
