@@ -1,5 +1,5 @@
-"""The GPU path beside the CPU path (and, where torch with CUDA is importable,
-PyTorch on the same GPU), with achieved GB/s and GFLOP/s.
+"""The GPU path beside the CPU path, with achieved GB/s and GFLOP/s.
+(No PyTorch-CUDA column yet: no GPU was available to write and check it on.)
 
 On a machine without a GPU this runs on Mesa's lavapipe (a software Vulkan
 adapter): small shapes, there to watch for regressions, not to compare speeds.
