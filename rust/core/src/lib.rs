@@ -1,7 +1,6 @@
 //! fusedce-core: fused softmax cross-entropy (and linear-then-cross-entropy)
-//! loss and gradient, with
-//! PyTorch's semantics, on SIMD lanes chosen at run time and a thread pool
-//! whose size never changes a result's bits.
+//! loss and gradient, with PyTorch's semantics, on SIMD lanes chosen at run
+//! time and a thread pool whose size never changes a result's bits.
 //!
 //! Pure Rust, no Python: the `fusedce-python` crate binds it.
 
@@ -17,3 +16,14 @@ pub use elem::{Elem, ElemKind, Real};
 pub use error::CeError;
 pub use linear_ce::{linear_cross_entropy, LinearCrossEntropy, LinearGrads};
 pub use softmax_ce::{cross_entropy, CrossEntropy, GradOutput, Logits, Reduction, Targets};
+
+#[cfg(test)]
+mod test_util {
+    /// Deterministic pseudo-random numbers in [0, 1) for test data.
+    pub fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 11) as f64) / ((1u64 << 53) as f64)
+    }
+}

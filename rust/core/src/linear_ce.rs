@@ -580,14 +580,8 @@ const BIAS_PIECE: usize = 4096;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::lcg;
     use half::bf16;
-
-    fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 11) as f64) / ((1u64 << 53) as f64)
-    }
 
     struct Data {
         n: usize,
@@ -703,46 +697,61 @@ mod tests {
         }
     }
 
-    fn run_f32(dt: &Data, weight: &[f64], rows: usize) -> (f64, Vec<f32>, Vec<f32>, Vec<f32>) {
-        let x: Vec<f32> = dt.x.iter().map(|&v| v as f32).collect();
-        let w: Vec<f32> = dt.w.iter().map(|&v| v as f32).collect();
-        let b: Vec<f32> = dt.b.iter().map(|&v| v as f32).collect();
-        let p = problem(dt, &x, &w, &b, weight, rows);
-        let (mut dx, mut dw, mut db) = (
-            vec![0f32; x.len()],
-            vec![0f32; w.len()],
-            vec![0f32; b.len()],
-        );
-        let loss = linear_cross_entropy(
-            &p,
-            GradOutput::Scalar(1.0),
-            Some(LinearGrads {
-                input: &mut dx,
-                linear_weight: &mut dw,
-                linear_bias: Some(&mut db),
-            }),
-            None,
-        )
-        .unwrap();
-        (loss, dx, dw, db)
+    /// `v` rounded to `T`.
+    fn cast<T: Elem>(v: &[f64]) -> Vec<T> {
+        v.iter().map(|&x| T::from_f64(x)).collect()
     }
 
-    fn to64(v: &[f32]) -> Vec<f64> {
-        v.iter().map(|&x| x as f64).collect()
+    fn wide<T: Elem>(v: &[T]) -> Vec<f64> {
+        v.iter().map(|x| x.to_f64()).collect()
+    }
+
+    /// The data's inputs rounded to `T`, and the data holding exactly those
+    /// values (what the reference should see).
+    fn rounded<T: Elem>(dt: &Data) -> (Data, Vec<T>, Vec<T>, Vec<T>) {
+        let (x, w, b) = (cast::<T>(&dt.x), cast::<T>(&dt.w), cast::<T>(&dt.b));
+        let dr = Data {
+            x: wide(&x),
+            w: wide(&w),
+            b: wide(&b),
+            t: dt.t.clone(),
+            ..*dt
+        };
+        (dr, x, w, b)
+    }
+
+    /// Runs `p` with gradient buffers first filled with `fill`: the result
+    /// and the gradients of input, weight and bias.
+    fn run_grads<T: Elem>(
+        p: &LinearCrossEntropy<'_, T>,
+        fill: T,
+    ) -> (Result<f64, CeError>, Vec<T>, Vec<T>, Vec<T>) {
+        let mut gx = vec![fill; p.input.len()];
+        let mut gw = vec![fill; p.linear_weight.len()];
+        let mut gb = vec![fill; p.linear_bias.map_or(0, <[T]>::len)];
+        let r = linear_cross_entropy(
+            p,
+            GradOutput::Scalar(1.0),
+            Some(LinearGrads {
+                input: &mut gx,
+                linear_weight: &mut gw,
+                linear_bias: p.linear_bias.map(|_| &mut gb[..]),
+            }),
+            None,
+        );
+        (r, gx, gw, gb)
+    }
+
+    fn run_f32(dt: &Data, weight: &[f64], rows: usize) -> (f64, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (_, x, w, b) = rounded::<f32>(dt);
+        let (r, dx, dw, db) = run_grads(&problem(dt, &x, &w, &b, weight, rows), 0.0);
+        (r.unwrap(), dx, dw, db)
     }
 
     #[test]
     fn matches_float64_reference_for_any_chunk_size() {
         for &(n, d, c, s) in &[(13, 7, 11, 1), (9, 5, 3, 4), (1, 1, 1, 1), (20, 33, 130, 1)] {
-            let dt = data(n, d, c, s, 7 + n as u64);
-            // reference from values rounded to f32, like the f32 run sees
-            let dr = Data {
-                x: dt.x.iter().map(|&v| v as f32 as f64).collect(),
-                w: dt.w.iter().map(|&v| v as f32 as f64).collect(),
-                b: dt.b.iter().map(|&v| v as f32 as f64).collect(),
-                t: dt.t.clone(),
-                ..dt
-            };
+            let (dr, ..) = rounded::<f32>(&data(n, d, c, s, 7 + n as u64));
             let weight: Vec<f64> = (0..c).map(|j| 0.5 + (j % 3) as f64 * 0.25).collect();
             let (loss, dx, dw, db) = reference(&dr, &weight);
             for rows in [1, 2, 5, n] {
@@ -751,9 +760,9 @@ mod tests {
                     (l32 - loss).abs() <= 1e-5 * loss.abs().max(1.0),
                     "{l32} vs {loss}"
                 );
-                close("dx", &to64(&dx32), &dx, 1e-5);
-                close("dw", &to64(&dw32), &dw, 1e-5);
-                close("db", &to64(&db32), &db, 1e-5);
+                close("dx", &wide(&dx32), &dx, 1e-5);
+                close("dw", &wide(&dw32), &dw, 1e-5);
+                close("db", &wide(&db32), &db, 1e-5);
             }
         }
     }
@@ -775,78 +784,35 @@ mod tests {
 
     #[test]
     fn half_inputs_compute_in_f32() {
-        let dt = data(10, 16, 50, 1, 11);
         let weight = vec![1.0; 50];
-        let r = |v: &[f64]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f64(x)).collect() };
-        let (x, w, b) = (r(&dt.x), r(&dt.w), r(&dt.b));
-        let dr = Data {
-            x: x.iter().map(|v| v.to_f64()).collect(),
-            w: w.iter().map(|v| v.to_f64()).collect(),
-            b: b.iter().map(|v| v.to_f64()).collect(),
-            t: dt.t.clone(),
-            ..dt
-        };
+        let (dr, x, w, b) = rounded::<bf16>(&data(10, 16, 50, 1, 11));
         let (loss, dx, dw, _) = reference(&dr, &weight);
-        let p = problem(&dr, &x, &w, &b, &weight, 3);
-        let (mut gx, mut gw, mut gb) = (
-            vec![bf16::ZERO; x.len()],
-            vec![bf16::ZERO; w.len()],
-            vec![bf16::ZERO; b.len()],
-        );
-        let l = linear_cross_entropy(
-            &p,
-            GradOutput::Scalar(1.0),
-            Some(LinearGrads {
-                input: &mut gx,
-                linear_weight: &mut gw,
-                linear_bias: Some(&mut gb),
-            }),
-            None,
-        )
-        .unwrap();
+        let (l, gx, gw, _) = run_grads(&problem(&dr, &x, &w, &b, &weight, 3), bf16::ZERO);
+        let l = l.unwrap();
         assert!((l - loss).abs() < 1e-5 * loss.abs().max(1.0));
-        let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
-        close("dx", &f(&gx), &dx, 1e-2);
-        close("dw", &f(&gw), &dw, 1e-2);
+        close("dx", &wide(&gx), &dx, 1e-2);
+        close("dw", &wide(&gw), &dw, 1e-2);
     }
 
     #[test]
     fn weight_converted_block_by_block_matches_the_whole_copy() {
         // under test a block holds 4096 / (4 * 8) = 128 classes: 5 blocks
         let (n, d, c) = (9, 8, 4 * 128 + 37);
-        let dt = data(n, d, c, 1, 13);
         let weight = vec![1.0; c];
-        let r = |v: &[f64]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f64(x)).collect() };
-        let (x, w, b) = (r(&dt.x), r(&dt.w), r(&dt.b));
+        let (dt, x, w, b) = rounded::<bf16>(&data(n, d, c, 1, 13));
         let run = |limit: usize| {
             let p = LinearCrossEntropy {
                 max_weight_copy: limit,
                 ..problem(&dt, &x, &w, &b, &weight, 4)
             };
-            let (mut gx, mut gw, mut gb) = (
-                vec![bf16::ZERO; x.len()],
-                vec![bf16::ZERO; w.len()],
-                vec![bf16::ZERO; b.len()],
-            );
-            let l = linear_cross_entropy(
-                &p,
-                GradOutput::Scalar(1.0),
-                Some(LinearGrads {
-                    input: &mut gx,
-                    linear_weight: &mut gw,
-                    linear_bias: Some(&mut gb),
-                }),
-                None,
-            )
-            .unwrap();
-            (l, gx, gw, gb)
+            let (l, gx, gw, gb) = run_grads(&p, bf16::ZERO);
+            (l.unwrap(), gx, gw, gb)
         };
         let whole = run(usize::MAX);
         let blocks = run(0);
         assert!((whole.0 - blocks.0).abs() <= 1e-6 * whole.0.abs());
-        let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
-        close("dx", &f(&blocks.1), &f(&whole.1), 1e-2);
-        close("dw", &f(&blocks.2), &f(&whole.2), 1e-2);
+        close("dx", &wide(&blocks.1), &wide(&whole.1), 1e-2);
+        close("dw", &wide(&blocks.2), &wide(&whole.2), 1e-2);
         assert_eq!(whole.3, blocks.3);
     }
 
@@ -854,22 +820,10 @@ mod tests {
     fn errors_come_before_any_write() {
         let mut dt = data(6, 3, 4, 1, 5);
         dt.t[5] = 4; // out of range, in the last chunk
-        let x: Vec<f32> = dt.x.iter().map(|&v| v as f32).collect();
-        let w: Vec<f32> = dt.w.iter().map(|&v| v as f32).collect();
-        let b: Vec<f32> = dt.b.iter().map(|&v| v as f32).collect();
+        let (_, x, w, b) = rounded::<f32>(&dt);
         let weight = vec![1.0; 4];
         let p = problem(&dt, &x, &w, &b, &weight, 1);
-        let (mut dx, mut dw, mut db) = (vec![7f32; x.len()], vec![7f32; w.len()], vec![7f32; 4]);
-        let e = linear_cross_entropy(
-            &p,
-            GradOutput::Scalar(1.0),
-            Some(LinearGrads {
-                input: &mut dx,
-                linear_weight: &mut dw,
-                linear_bias: Some(&mut db),
-            }),
-            None,
-        );
+        let (e, dx, dw, db) = run_grads(&p, 7.0);
         assert!(matches!(
             e,
             Err(CeError::TargetOutOfBounds { position: 5, .. })

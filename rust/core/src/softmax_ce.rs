@@ -567,14 +567,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic pseudo-random numbers for test data.
-    fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 11) as f64) / ((1u64 << 53) as f64)
-    }
+    use crate::test_util::lcg;
 
     /// Float64 reference: per-sample losses and the gradient for a unit
     /// upstream gradient per sample (before the reduction's scaling).
