@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -44,3 +44,24 @@ def assert_close(name: str, got: Any, want: np.ndarray, dtype: str) -> None:
     got = np.asarray(got).astype(np.float64)
     assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
+
+
+def ce_args(case: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+    """``(input, target, weight, kwargs)`` of a cross_entropy case."""
+    kw = dict(case["kwargs"])
+    kw.pop("weight", None)
+    w = load(case["weight"]) if "weight" in case else None
+    return load(case["input"]), load(case["target"]), w, kw
+
+
+def lce_args(case: Dict[str, Any]) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """``(positional arguments by name, keyword arguments)`` of a linear_cross_entropy case."""
+    kw = dict(case["kwargs"])
+    kw.pop("weight", None)
+    args = dict(input=load(case["input"]), linear_weight=load(case["linear_weight"]),
+                target=load(case["target"]))
+    if "linear_bias" in case:
+        kw["linear_bias"] = load(case["linear_bias"])
+    if "weight" in case:
+        kw["weight"] = load(case["weight"])
+    return args, kw

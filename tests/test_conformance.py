@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fusedce
-from conformance import ERRORS, assert_close, cases, load
+from conformance import ERRORS, assert_close, cases, ce_args, lce_args, load
 
 CE = cases("cross_entropy")
 
@@ -22,11 +22,7 @@ def test_corpus_is_complete():
 
 @pytest.mark.parametrize("case", CE, ids=[c["id"] for c in CE])
 def test_cross_entropy_case(case):
-    kw = dict(case["kwargs"])
-    kw.pop("weight", None)
-    x = load(case["input"])
-    t = load(case["target"])
-    w = load(case["weight"]) if "weight" in case else None
+    x, t, w, kw = ce_args(case)
     dtype = case["input"]["dtype"]
     if "error" in case:
         with pytest.raises(ERRORS[case["error"]]) as info:
@@ -76,25 +72,10 @@ def test_simd_level_is_capped():
 LCE = cases("linear_cross_entropy")
 
 
-def _lce_args(case):
-    kw = dict(case["kwargs"])
-    kw.pop("weight", None)
-    args = dict(
-        input=load(case["input"]),
-        linear_weight=load(case["linear_weight"]),
-        target=load(case["target"]),
-    )
-    if "linear_bias" in case:
-        kw["linear_bias"] = load(case["linear_bias"])
-    if "weight" in case:
-        kw["weight"] = load(case["weight"])
-    return args, kw
-
-
 @pytest.mark.parametrize("chunk", [None, 1, 3])
 @pytest.mark.parametrize("case", LCE, ids=[c["id"] for c in LCE])
 def test_linear_cross_entropy_case(case, chunk):
-    args, kw = _lce_args(case)
+    args, kw = lce_args(case)
     if chunk is not None:
         kw["options"] = fusedce.LinearCrossEntropyOptions(batch_chunk_size=chunk)
     dtype = case["input"]["dtype"]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedce
-from conformance import ERRORS, assert_close, cases, load
+from conformance import ERRORS, assert_close, cases, ce_args, lce_args, load
 
 REQUIRED = os.environ.get("FUSEDCE_REQUIRE_GPU") == "1"
 
@@ -56,11 +56,7 @@ def test_adapter_info():
 @needs_gpu
 @pytest.mark.parametrize("case", CE, ids=[c["id"] for c in CE])
 def test_cross_entropy_case_on_gpu(case):
-    kw = dict(case["kwargs"])
-    kw.pop("weight", None)
-    x = load(case["input"])
-    t = load(case["target"])
-    w = load(case["weight"]) if "weight" in case else None
+    x, t, w, kw = ce_args(case)
     dtype = case["input"]["dtype"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # float64 computed on the CPU
@@ -82,13 +78,7 @@ def test_cross_entropy_case_on_gpu(case):
 @needs_gpu
 @pytest.mark.parametrize("case", LCE, ids=[c["id"] for c in LCE])
 def test_linear_cross_entropy_case_on_gpu(case):
-    kw = dict(case["kwargs"])
-    kw.pop("weight", None)
-    args = dict(input=load(case["input"]), linear_weight=load(case["linear_weight"]), target=load(case["target"]))
-    if "linear_bias" in case:
-        kw["linear_bias"] = load(case["linear_bias"])
-    if "weight" in case:
-        kw["weight"] = load(case["weight"])
+    args, kw = lce_args(case)
     dtype = case["input"]["dtype"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -20,6 +20,22 @@ fn to_py(e: CeError) -> PyErr {
     }
 }
 
+/// Calls `$go!(T)` with `T` the core storage type named by `$dtype`
+/// ("float32", "float64", "float16", "bfloat16"), else raises TypeError.
+macro_rules! by_dtype {
+    ($dtype:expr, $go:ident) => {
+        match $dtype {
+            "float32" => $go!(f32),
+            "float64" => $go!(f64),
+            "float16" => $go!(f16),
+            "bfloat16" => $go!(bf16),
+            other => Err(PyTypeError::new_err(format!(
+                "input: unsupported dtype {other}; expected float32, float64, float16 or bfloat16"
+            ))),
+        }
+    };
+}
+
 /// A numpy element type and the core element type its buffer holds.
 trait Storage: Elem {
     type Np: numpy::Element;
@@ -276,15 +292,7 @@ fn cross_entropy(
             )
         };
     }
-    match dtype {
-        "float32" => go!(f32),
-        "float64" => go!(f64),
-        "float16" => go!(f16),
-        "bfloat16" => go!(bf16),
-        other => Err(PyTypeError::new_err(format!(
-            "input: unsupported dtype {other}; expected float32, float64, float16 or bfloat16"
-        ))),
-    }
+    by_dtype!(dtype, go)
 }
 
 fn slice_mut<'a, E: numpy::Element>(
@@ -437,15 +445,7 @@ fn linear_cross_entropy(
             )
         };
     }
-    match dtype {
-        "float32" => go!(f32),
-        "float64" => go!(f64),
-        "float16" => go!(f16),
-        "bfloat16" => go!(bf16),
-        other => Err(PyTypeError::new_err(format!(
-            "input: unsupported dtype {other}; expected float32, float64, float16 or bfloat16"
-        ))),
-    }
+    by_dtype!(dtype, go)
 }
 
 /// Sets the number of worker threads (>= 1) used by every later call.
