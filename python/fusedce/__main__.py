@@ -20,27 +20,28 @@ import numpy as np
 import fusedce
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory since start, or since the last _reset_peak()."""
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (Linux) in MiB, or NaN."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory since start, or since the last _reset_peak()."""
+    peak = _status_mb("VmHWM")
+    if peak == peak:  # not NaN
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def _reset_peak() -> bool:
