@@ -290,3 +290,18 @@ def test_linear_gpu_matches_cpu(p):
         assert a.dtype == e.dtype and a.shape == e.shape
         scale = max(1e-3, float(np.abs(e.astype(np.float64)).max(initial=0)))
         np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=tol, atol=tol * scale)
+
+
+def test_weight_checksum_sees_every_byte():
+    """The resident-weight fingerprint covers the tail that is not a whole
+    8-byte word, and the shape and dtype."""
+    from fusedce.gpu import _backend
+
+    a = np.arange(7, dtype=np.float16)  # 14 bytes: one word and a 6-byte tail
+    base = _backend.checksum(a)
+    for i in range(a.size):
+        b = a.copy()
+        b[i] += 1
+        assert _backend.checksum(b) != base
+    assert _backend.checksum(a.reshape(7, 1)) != base
+    assert _backend.checksum(a.view(np.int16)) != base

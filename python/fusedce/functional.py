@@ -72,12 +72,16 @@ def _gpu_scale(reduction: str, g_scalar: Optional[float], g_array: Optional[np.n
     return np.full(samples, v, dtype=np.float64)
 
 
-def _gpu_reduce(losses: np.ndarray, reduction: str, denom: float) -> float:
-    total = float(np.sum(losses.astype(np.float64)))
+def _gpu_loss(per: np.ndarray, reduction: str, denom: float, loss_shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """The loss from the device's per-sample losses: reduced on the host in
+    float64, in order (the mean divided by ``denom``)."""
+    if reduction == "none":
+        return per.reshape(loss_shape).astype(dtype, copy=False)
+    total = float(np.sum(per.astype(np.float64)))
     if reduction == "mean":
         with np.errstate(divide="ignore", invalid="ignore"):
-            return float(np.float64(total) / np.float64(denom))
-    return total
+            total = float(np.float64(total) / np.float64(denom))
+    return np.asarray(total, dtype=dtype)
 
 
 def _check_common(reduction: str, label_smoothing: float) -> None:
@@ -307,18 +311,15 @@ def cross_entropy(
 
         samples = batch * spatial
         y, denom = _gpu_targets(targets, ignore_index, classes, w, samples)
-        per, g = _backend.cross_entropy(
+        out = x if mode == "inplace" else grad
+        per = _backend.cross_entropy(
             x, batch, classes, spatial, y, targets.probs,
             np.ones(classes) if w is None else w, _gpu_scale(reduction, g_scalar, g_array, denom, samples),
-            float(label_smoothing), return_grad,
+            float(label_smoothing), out,
         )
-        loss = (per.reshape(loss_shape).astype(x.dtype) if reduction == "none"
-                else np.asarray(_gpu_reduce(per, reduction, denom), dtype=x.dtype))
-        if not return_grad:
+        loss = _gpu_loss(per, reduction, denom, loss_shape, x.dtype)
+        if out is None:
             return loss
-        out = x if mode == "inplace" else grad
-        assert out is not None and g is not None  # return_grad: a buffer and a gradient exist
-        out[...] = g.reshape(x.shape)
         return loss, out
     losses = np.empty(loss_shape, dtype=x.dtype) if reduction == "none" else None
     value = _native.cross_entropy(
@@ -493,16 +494,14 @@ def linear_cross_entropy(
             x.reshape(batch, in_features), res, classes, spatial, y,
             None if targets.probs is None else targets.probs.reshape(-1),
             np.ones(classes) if cw is None else cw, _gpu_scale(reduction, g_scalar, g_array, denom, samples),
-            float(label_smoothing), rows, return_grad,
+            float(label_smoothing), rows, return_grad, x.dtype,
         )
-        loss = (per.reshape(loss_shape).astype(x.dtype) if reduction == "none"
-                else np.asarray(_gpu_reduce(per, reduction, denom), dtype=x.dtype))
+        loss = _gpu_loss(per, reduction, denom, loss_shape, x.dtype)
         if gr is None:
             return loss
         dx, dw, db = gr
         return loss, LinearCrossEntropyGrads(
-            dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(x.dtype),
-            None if b is None else db.reshape(b.shape).astype(x.dtype),
+            dx.reshape(x.shape), dw.reshape(w.shape), None if db is None or b is None else db.reshape(b.shape)
         )
 
     xc = np.ascontiguousarray(x)

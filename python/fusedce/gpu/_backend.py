@@ -96,12 +96,21 @@ class Context:
         )
 
     def read(self, buf, n: int, dtype: Any = np.float32) -> np.ndarray:
+        """The first ``n`` values of ``buf`` (of ``dtype``), as a new array."""
+        out = np.empty(n, np.dtype(dtype))
+        self.read_into(buf, out, dtype)
+        return out
+
+    def read_into(self, buf, out: np.ndarray, dtype: Any = np.float32) -> None:
+        """``out[...] =`` the first ``out.size`` values of ``buf`` (stored as
+        ``dtype``), converted to ``out``'s dtype in the same copy."""
         dtype = np.dtype(dtype)
+        n = out.size
         if n == 0:
-            return np.zeros(0, dtype)
+            return
         nbytes = (n * dtype.itemsize + 3) // 4 * 4
         mv = self.device.queue.read_buffer(buf, 0, nbytes)
-        return np.frombuffer(mv, dtype=dtype, count=n).copy()
+        out[...] = np.frombuffer(mv, dtype=dtype, count=n).reshape(out.shape)
 
     # ---- pipelines ---------------------------------------------------------------
     def pipeline(self, name: str, storage: str = "f32", rows: bool = False):
@@ -191,10 +200,12 @@ def _padded(a: np.ndarray) -> np.ndarray:
 
 def cross_entropy(x: np.ndarray, batch: int, classes: int, spatial: int, tgt: Optional[np.ndarray],
                   probs: Optional[np.ndarray], cw: np.ndarray, scale: np.ndarray, eps: float,
-                  want_grad: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Per-sample losses (float32, N*S) and the gradient of logits ``x`` laid
-    out (batch, classes, spatial): float32, or float16 for a float16 input on
-    an adapter with shader-f16 (stored and moved as f16, computed in f32).
+                  grad_out: Optional[np.ndarray]) -> np.ndarray:
+    """Per-sample losses (float32, N*S) of the C-contiguous logits ``x`` laid
+    out (batch, classes, spatial); with ``grad_out`` (a C-contiguous array of
+    x's size, any float dtype, ``x`` itself allowed) their gradient is written
+    there. On the device: float32, or float16 for a float16 input on an
+    adapter with shader-f16 (stored and moved as f16, computed in f32).
     ``tgt``: int32 class per sample (-1 ignored); ``scale``: upstream
     gradient per sample."""
     ctx = context()
@@ -213,7 +224,8 @@ def cross_entropy(x: np.ndarray, batch: int, classes: int, spatial: int, tgt: Op
     imgs = max(1, ctx.max_binding // img_bytes)
     xf = x.reshape(-1)
     losses = np.empty(batch * spatial, np.float32)
-    grad = np.empty(xf.shape, sdt) if want_grad else None
+    grad = None if grad_out is None else grad_out.reshape(-1)
+    want_grad = grad is not None
     wbuf = ctx.buffer_from(cw.astype(np.float32))
     dummy = ctx.buffer_from(np.zeros(2, sdt))
     for n0 in range(0, batch, imgs):
@@ -231,10 +243,10 @@ def cross_entropy(x: np.ndarray, batch: int, classes: int, spatial: int, tgt: Op
         _ce_dispatch(ctx, enc, xbuf, tbuf, pbuf, wbuf, sbuf, lbuf, samples, classes, spatial,
                      probs is not None, eps, want_grad, storage)
         ctx.submit(enc)
-        losses[ss] = ctx.read(lbuf, samples)
+        ctx.read_into(lbuf, losses[ss])
         if grad is not None:
-            grad[xs] = ctx.read(xbuf, xs.stop - xs.start, sdt)
-    return losses, grad
+            ctx.read_into(xbuf, grad[xs], sdt)
+    return losses
 
 
 # ---- matmul and linear cross-entropy -------------------------------------------------------
@@ -281,22 +293,25 @@ class ResidentWeight:
 
 
 def checksum(a: np.ndarray) -> Tuple[int, int, Tuple[int, ...], str]:
-    """A cheap fingerprint of an array's bytes (two 64-bit folds), to notice
-    in-place updates of a resident weight."""
+    """A cheap fingerprint of an array's bytes (two 64-bit folds of its
+    8-byte words, the odd tail bytes folded in), to notice in-place updates
+    of a resident weight. Reads the array once; copies nothing when it is
+    C-contiguous."""
     flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    pad = (-flat.size) % 8
-    if pad:
-        flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
-    words = flat.view(np.uint64)
-    return (int(np.bitwise_xor.reduce(words)) if words.size else 0,
-            int(np.add.reduce(words, dtype=np.uint64)) if words.size else 0,
-            a.shape, str(a.dtype))
+    body = flat.size - flat.size % 8
+    words = flat[:body].view(np.uint64)
+    tail = int.from_bytes(flat[body:].tobytes(), "little")
+    xor = int(np.bitwise_xor.reduce(words)) if words.size else 0
+    total = int(np.add.reduce(words, dtype=np.uint64)) if words.size else 0
+    return xor ^ tail, total + tail, a.shape, str(a.dtype)
 
 
 def linear_cross_entropy(x: np.ndarray, res: ResidentWeight, classes: int, spatial: int,
                          tgt: Optional[np.ndarray], probs: Optional[np.ndarray], cw: np.ndarray,
-                         scale: np.ndarray, eps: float, rows: int, want_grad: bool):
-    """Per-sample losses, and (dx, dw, db) in float32 when ``want_grad``:
+                         scale: np.ndarray, eps: float, rows: int, want_grad: bool,
+                         out_dtype: Any = np.float32):
+    """Per-sample losses (float32), and (dx (N, D), dw (C*S*D,), db (C*S,) or
+    None) in ``out_dtype`` when ``want_grad``:
     chunks of ``rows`` rows; per chunk L = x_c·Wᵀ (+b) into one device buffer,
     CE in place, dX_c = dL·W, dW += dLᵀ·x_c, db += column sums of dL.
 
@@ -374,10 +389,15 @@ def linear_cross_entropy(x: np.ndarray, res: ResidentWeight, classes: int, spati
     losses = ctx.read(lossall, samples_all)
     if not want_grad:
         return losses, None
-    dx = ctx.read(dxall, n * d).reshape(n, d)
-    dw = (np.concatenate([ctx.read(b, (j1 - j0) * d) for b, (j0, j1, _) in zip(dws, res.blocks)])
-          if dws else np.zeros(0, np.float32))
-    dbv = ctx.read(db, cs) if db is not None else None
+    dx = np.empty((n, d), out_dtype)
+    ctx.read_into(dxall, dx)
+    dw = np.empty(cs * d, out_dtype)
+    for b, (j0, j1, _) in zip(dws, res.blocks):
+        ctx.read_into(b, dw[j0 * d:j1 * d])
+    dbv = None
+    if db is not None:
+        dbv = np.empty(cs, out_dtype)
+        ctx.read_into(db, dbv)
     return losses, (dx, dw, dbv)
 
 
