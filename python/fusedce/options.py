@@ -161,16 +161,17 @@ def auto_rows(n: int, row_bytes: int) -> int:
     return max(1, min(n, rows, cap))
 
 
+def _env_bytes(name: str, minimum: int) -> Optional[int]:
+    """The integer environment variable ``name`` when set to one >= minimum, else None."""
+    try:
+        v = int(os.environ.get(name, ""))
+    except ValueError:
+        return None
+    return v if v >= minimum else None
+
+
 def _env_budget() -> Optional[int]:
-    env = os.environ.get("FUSEDCE_CHUNK_BYTES")
-    if env:
-        try:
-            v = int(env)
-            if v > 0:
-                return v
-        except ValueError:
-            pass
-    return None
+    return _env_bytes("FUSEDCE_CHUNK_BYTES", 1)
 
 
 def _physical_memory() -> int:
@@ -191,10 +192,5 @@ def weight_copy_limit() -> int:
     weight is converted in blocks of classes inside every chunk: more
     conversion work (measured: 5-10% slower at (8192, 4096, 128256)), memory
     bounded by one 64 MiB block."""
-    env = os.environ.get("FUSEDCE_WEIGHT_COPY_BYTES")
-    if env is not None:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            pass
-    return _physical_memory() // 16
+    env = _env_bytes("FUSEDCE_WEIGHT_COPY_BYTES", 0)
+    return _physical_memory() // 16 if env is None else env
