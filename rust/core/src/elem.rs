@@ -18,8 +18,8 @@ pub enum ElemKind {
 /// A floating-point storage type of an input, target or gradient array.
 pub trait Elem: Copy + Send + Sync + 'static {
     const KIND: ElemKind;
-    /// The type this element accumulates in.
-    type Acc: crate::simd::Compute;
+    /// The type this element accumulates in (`f32` or `f64`).
+    type Acc: Real;
     fn to_f32(self) -> f32;
     fn to_f64(self) -> f64;
     fn from_f32(x: f32) -> Self;
@@ -129,28 +129,6 @@ pub trait Real:
     /// The compute type a storage type `T` accumulates in.
     fn from_elem<T: Elem>(x: T) -> Self;
     fn to_elem<T: Elem>(self) -> T;
-    /// Runs `f` with a per-thread scratch buffer of `len` values, reused
-    /// across calls so that hot loops do not allocate.
-    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
-}
-
-macro_rules! scratch_impl {
-    ($t:ty) => {
-        fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
-            thread_local! {
-                static SCRATCH: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
-            }
-            SCRATCH.with(|cell| match cell.try_borrow_mut() {
-                Ok(mut v) => {
-                    if v.len() < len {
-                        v.resize(len, 0.0);
-                    }
-                    f(&mut v[..len])
-                }
-                Err(_) => f(&mut vec![0.0; len]),
-            })
-        }
-    };
 }
 
 impl Real for f32 {
@@ -179,7 +157,6 @@ impl Real for f32 {
     fn to_elem<T: Elem>(self) -> T {
         T::from_f32(self)
     }
-    scratch_impl!(f32);
 }
 
 impl Real for f64 {
@@ -208,5 +185,25 @@ impl Real for f64 {
     fn to_elem<T: Elem>(self) -> T {
         T::from_f64(self)
     }
-    scratch_impl!(f64);
+}
+
+/// `src` viewed as a slice of `G` when `T` is `G` itself (no copy), else `None`.
+pub fn same_type<T: Elem, G: Elem>(src: &[T]) -> Option<&[G]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<G>() {
+        // SAFETY: T and G are the same type (equal TypeIds), so the pointer,
+        // length and lifetime describe a valid &[G].
+        Some(unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<G>(), src.len()) })
+    } else {
+        None
+    }
+}
+
+/// The mutable twin of [`same_type`].
+pub fn same_type_mut<T: Elem, G: Elem>(dst: &mut [T]) -> Option<&mut [G]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<G>() {
+        // SAFETY: as in `same_type`; the borrow of `dst` moves into the result.
+        Some(unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<G>(), dst.len()) })
+    } else {
+        None
+    }
 }

@@ -2,20 +2,22 @@
 //! loss and gradient, with PyTorch's semantics, on SIMD lanes chosen at run
 //! time and a thread pool whose size never changes a result's bits.
 //!
-//! Pure Rust, no Python: the `fusedce-python` crate binds it.
+//! Pure Rust, no Python: the `fusedce-python` crate binds it. See
+//! `ARCHITECTURE.md` at the repository root for the layers.
 
+pub mod ce;
+pub mod config;
 pub mod elem;
 pub mod error;
 mod kernels;
-pub mod linear_ce;
+pub mod linear;
 pub mod simd;
-pub mod softmax_ce;
 pub mod threads;
 
+pub use ce::{cross_entropy, CrossEntropy, GradOutput, Io, Logits, Plan, Reduction, Targets};
 pub use elem::{Elem, ElemKind, Real};
 pub use error::CeError;
-pub use linear_ce::{linear_cross_entropy, LinearCrossEntropy, LinearGrads};
-pub use softmax_ce::{cross_entropy, CrossEntropy, GradOutput, Logits, Reduction, Targets};
+pub use linear::{linear_cross_entropy, LinearCrossEntropy, LinearGrads};
 
 #[cfg(test)]
 mod test_util {

@@ -4,22 +4,20 @@
 //! shape only, and partial results are combined in chunk order, so the number
 //! of threads changes the speed and never the bits of a result.
 
+use crate::config;
 use crate::error::CeError;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::{Arc, RwLock};
 
 static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
 
-fn default_threads() -> usize {
-    std::env::var("FUSEDCE_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+fn default_threads() -> Result<usize, CeError> {
+    Ok(config::get()?.num_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(config::MAX_THREADS)
+    }))
 }
 
 fn build(n: usize) -> Result<Arc<ThreadPool>, CeError> {
@@ -32,7 +30,7 @@ fn build(n: usize) -> Result<Arc<ThreadPool>, CeError> {
 }
 
 /// The pool, built on first use with `FUSEDCE_NUM_THREADS` threads (or one per
-/// available core).
+/// available core). Also reports a malformed environment (see [`config`]).
 pub fn pool() -> Result<Arc<ThreadPool>, CeError> {
     if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
         return Ok(p.clone());
@@ -41,15 +39,15 @@ pub fn pool() -> Result<Arc<ThreadPool>, CeError> {
     if let Some(p) = guard.as_ref() {
         return Ok(p.clone());
     }
-    let p = build(default_threads())?;
+    let p = build(default_threads()?)?;
     *guard = Some(p.clone());
     Ok(p)
 }
 
-/// Replaces the pool with one of `n` threads (`n >= 1`). Calls already running
-/// finish on the old pool.
-pub fn set_num_threads(n: usize) -> Result<(), CeError> {
-    let p = build(n.max(1))?;
+/// Replaces the pool with one of `n` threads (`1..=MAX_THREADS`, else an
+/// error naming `n`). Calls already running finish on the old pool.
+pub fn set_num_threads(n: u64) -> Result<(), CeError> {
+    let p = build(config::check_threads("n", n)?)?;
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
     Ok(())
 }

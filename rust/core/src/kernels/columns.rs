@@ -2,17 +2,24 @@
 //! Lanes run along the contiguous spatial axis, one sample per lane, so no
 //! transposing copy is made.
 
-use super::{finish, Consts, SampleTarget};
+use super::{finish, sample_scale, target_grad, Consts, SampleTarget, Sums};
+use crate::ce::io::Io;
 use crate::elem::{Elem, Real};
 use crate::simd::Lanes;
 
 /// A buffer shared by the threads of one call, each of which touches only
 /// the positions of its own work items.
-#[derive(Clone, Copy)]
 pub(crate) struct Shared<T> {
     ptr: *mut T,
     len: usize,
 }
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
 
 // SAFETY: `Shared` is only a pointer and a length; the kernels that use it
 // guarantee that no two threads write the same position and that no position
@@ -57,12 +64,25 @@ impl<T> Shared<T> {
 /// One image `n` of a K-dimensional problem: logits, probabilities and
 /// gradient share the layout `(C, S)` starting at `base`.
 pub(crate) struct Image<T> {
-    pub x: Shared<T>,
-    /// Where the gradient goes (may be `x` itself for in-place calls).
-    pub g: Option<Shared<T>>,
+    /// The logits and where their gradient goes.
+    pub io: Io<Shared<T>, Shared<T>>,
     pub probs: Option<Shared<T>>,
     pub base: usize,
     pub spatial: usize,
+}
+
+impl<T> Image<T> {
+    fn x(&self) -> Shared<T> {
+        match self.io {
+            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
+        }
+    }
+    fn g(&self) -> Option<Shared<T>> {
+        match self.io {
+            Io::Forward(_) => None,
+            Io::Grad(_, g) | Io::InPlace(g) => Some(g),
+        }
+    }
 }
 
 /// Per-lane inputs of one block: target and upstream gradient scale.
@@ -74,6 +94,8 @@ pub(crate) struct LaneIn<F> {
 
 /// Losses of the `L::N` samples at spatial positions `s..s + L::N` of one
 /// image, written to `loss`; writes their gradient when the image has one.
+/// `scratch` (room for `C * L::N` values) keeps the exponentials between
+/// the passes; without it they are computed again (same bits).
 ///
 /// # Safety
 /// The calling thread owns positions `(c, s..s + L::N)` of this image for
@@ -85,7 +107,7 @@ pub(crate) unsafe fn block<L: Lanes, T: Elem>(
     img: &Image<T>,
     s: usize,
     lanes: &[LaneIn<L::F>],
-    scratch: &mut [L::F],
+    mut scratch: Option<&mut [L::F]>,
     loss: &mut [L::F],
 ) {
     let n = L::N;
@@ -93,12 +115,15 @@ pub(crate) unsafe fn block<L: Lanes, T: Elem>(
     let at = |c: usize| img.base + c * sp + s;
     let zero = l.splat(L::F::ZERO);
     let (keep, eps_c) = (l.splat(k.keep), l.splat(k.eps_c));
-    let want_grad = img.g.is_some();
+    let x = img.x();
+    if img.g().is_none() {
+        scratch = None;
+    }
 
     // SAFETY (each `get`): the block's positions belong to this thread.
     let mut mv = l.splat(L::F::NEG_INFINITY);
     for c in 0..c_all {
-        mv = l.max(mv, l.load(unsafe { img.x.get(at(c), n) }));
+        mv = l.max(mv, l.load(unsafe { x.get(at(c), n) }));
     }
     // Blocked summation over classes, as in the row kernel.
     let (mut sv, mut smv, mut pav, mut pbv) = (zero, zero, zero, zero);
@@ -107,11 +132,11 @@ pub(crate) unsafe fn block<L: Lanes, T: Elem>(
         let hi = (lo + super::BLOCK).min(c_all);
         let (mut bs, mut bsm, mut bpa, mut bpb) = (zero, zero, zero, zero);
         for c in lo..hi {
-            let d = l.sub(l.load(unsafe { img.x.get(at(c), n) }), mv);
+            let d = l.sub(l.load(unsafe { x.get(at(c), n) }), mv);
             let e = l.exp(d);
             bs = l.add(bs, e);
-            if want_grad {
-                l.store(e, &mut scratch[c * n..]);
+            if let Some(sc) = scratch.as_deref_mut() {
+                l.store(e, &mut sc[c * n..]);
             }
             let wc = l.splat(k.w(c));
             if k.smooth {
@@ -136,46 +161,58 @@ pub(crate) unsafe fn block<L: Lanes, T: Elem>(
     }
     let [m, sum, sm, pa, pb] = arr;
     let mut k1 = [L::F::ZERO; 16];
-    let mut ks = [L::F::ZERO; 16];
+    let mut e_y = [L::F::ZERO; 16];
+    let mut lane_scale = [L::F::ZERO; 16];
     for j in 0..n {
         let li = lanes[j];
         let xy = match li.target {
             SampleTarget::Class { y, .. } => {
-                L::F::from_elem(unsafe { img.x.get(at(y) + j, 1) }[0]) - m[j]
+                // e_y by the same vector instructions as in the passes
+                let mut ev = [L::F::ZERO; 16];
+                let d = l.sub(l.load(unsafe { x.get(at(y), n) }), mv);
+                l.store(l.exp(d), &mut ev[..n]);
+                e_y[j] = ev[j];
+                L::F::from_elem(unsafe { x.get(at(y) + j, 1) }[0]) - m[j]
             }
             _ => L::F::ZERO,
         };
-        let (lj, kj) = finish(k, li.target, xy, sum[j], sm[j], pa[j], pb[j], li.scale);
+        let sums = Sums {
+            s: sum[j],
+            smooth: sm[j],
+            pa: pa[j],
+            pb: pb[j],
+        };
+        let (lj, kj) = finish(k, li.target, xy, sums);
         loss[j] = lj;
         k1[j] = kj;
-        ks[j] = match li.target {
-            SampleTarget::Ignored => L::F::ZERO,
-            SampleTarget::Class { .. } => li.scale * k.eps_c,
-            SampleTarget::Probs => li.scale,
-        };
+        lane_scale[j] = sample_scale(li.target, li.scale);
     }
-    let Some(g) = &img.g else { return };
-    let (k1v, ksv) = (l.load(&k1[..n]), l.load(&ks[..n]));
+    let Some(g) = img.g() else { return };
+    let (k1v, sv) = (l.load(&k1[..n]), l.load(&lane_scale[..n]));
     for c in 0..c_all {
-        let e = l.load(&scratch[c * n..]);
+        let e = match scratch.as_deref() {
+            Some(sc) => l.load(&sc[c * n..]),
+            None => l.exp(l.sub(l.load(unsafe { x.get(at(c), n) }), mv)),
+        };
         let wc = l.splat(k.w(c));
-        let k2 = match &img.probs {
-            Some(p) => {
-                let tp = l.mul_add(l.load(unsafe { p.get(at(c), n) }), keep, eps_c);
-                l.mul(ksv, l.mul(wc, tp))
+        let p = l.mul(e, k1v);
+        let gv = match &img.probs {
+            Some(pr) => {
+                let tp = l.mul_add(l.load(unsafe { pr.get(at(c), n) }), keep, eps_c);
+                l.sub(p, l.mul(wc, tp))
             }
-            None => l.mul(ksv, wc),
+            None if k.smooth => l.sub(p, l.mul(wc, eps_c)),
+            None => p,
         };
         // SAFETY: the block's positions belong to this thread, and no slice
         // of the logits is alive here.
-        l.store(l.sub(l.mul(e, k1v), k2), unsafe { g.get_mut(at(c), n) });
+        l.store(l.mul(sv, gv), unsafe { g.get_mut(at(c), n) });
     }
     for j in 0..n {
         if let SampleTarget::Class { y, w_y } = lanes[j].target {
-            let v = scratch[y * n + j] * k1[j] - lanes[j].scale * (w_y * (k.keep + k.eps_c));
             // SAFETY: as above.
             let dst = unsafe { g.get_mut(at(y) + j, 1) };
-            dst[0] = v.to_elem();
+            dst[0] = target_grad(k, e_y[j], k1[j], w_y, lanes[j].scale).to_elem();
         }
     }
 }

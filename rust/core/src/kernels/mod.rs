@@ -5,15 +5,21 @@
 //!
 //! * class index `y` (weight `w`, smoothing `eps`, `W = sum w`):
 //!   `loss = (1-eps) w_y (lse - x_y) + eps/C * sum_c w_c (lse - x_c)`,
-//!   `dloss/dx_c = p_c ((1-eps) w_y + eps/C W) - (1-eps) w_y [c = y] - eps/C w_c`;
+//!   `dloss/dx_c = g * (p_c a - (1-eps) w_y [c = y] - eps/C w_c)` with
+//!   `a = (1-eps) w_y + eps/C W` (the smoothing terms only when `eps > 0`);
 //! * class probabilities `t` (smoothed `t' = (1-eps) t + eps/C`):
 //!   `loss = sum_c w_c t'_c (lse - x_c)`,
-//!   `dloss/dx_c = p_c sum_k w_k t'_k - w_c t'_c`.
+//!   `dloss/dx_c = g * (p_c sum_k w_k t'_k - w_c t'_c)`;
+//!
+//! where `g` is the sample's upstream gradient, applied last, so that an
+//! infinite `g` gives infinities where the gradient is non-zero (as PyTorch).
 //!
 //! Each sample takes three passes over its logits, all while they sit in
-//! cache: the maximum; the exponentials (kept in a per-thread scratch row),
-//! their sum and the smoothing/probability sums; then the gradient, scaled
-//! by the upstream gradient. Forward-only calls stop after the second pass.
+//! cache: the maximum; the exponentials (kept in a scratch row when there is
+//! one), their sum and the smoothing/probability sums; then the gradient,
+//! which reads the exponentials from the scratch row or computes them again
+//! (the same instructions on the same values: the same bits). Forward-only
+//! calls stop after the second pass.
 
 pub(crate) mod columns;
 pub(crate) mod rows;
@@ -23,24 +29,40 @@ use crate::elem::Real;
 /// Vectors summed into a partial before it joins the running total.
 pub(crate) const BLOCK: usize = 64;
 
+/// Scratch values (per thread) above which the gradient pass computes the
+/// exponentials again instead of keeping them: bounds scratch memory.
+pub(crate) const SCRATCH_MAX: usize = 1 << 20;
+
 /// Per-problem constants, in the compute type.
-pub(crate) struct Consts<'a, F> {
+#[derive(Debug)]
+pub(crate) struct Consts<F> {
     pub classes: usize,
-    pub weight: Option<&'a [F]>,
+    pub weight: Option<Vec<F>>,
     /// `sum_c w_c` (`C` without weights).
     pub w_total: F,
     /// `1 - label_smoothing`.
     pub keep: F,
     /// `label_smoothing / C`.
     pub eps_c: F,
-    /// Whether the smoothing sum is needed (index targets, `eps > 0`).
+    /// Whether the smoothing terms are needed (index targets, `eps > 0`).
     pub smooth: bool,
 }
 
-impl<F: Real> Consts<'_, F> {
+impl<F: Real> Consts<F> {
+    pub fn new(classes: usize, weight: Option<&[f64]>, eps: f64, index_targets: bool) -> Self {
+        Consts {
+            classes,
+            weight: weight.map(|w| w.iter().map(|&v| F::from_f64(v)).collect()),
+            w_total: F::from_f64(weight.map_or(classes as f64, |w| w.iter().sum())),
+            keep: F::from_f64(1.0 - eps),
+            eps_c: F::from_f64(eps / classes as f64),
+            smooth: eps > 0.0 && index_targets,
+        }
+    }
+
     #[inline(always)]
     pub fn w(&self, c: usize) -> F {
-        match self.weight {
+        match &self.weight {
             Some(w) => w[c],
             None => F::ONE,
         }
@@ -48,7 +70,7 @@ impl<F: Real> Consts<'_, F> {
 }
 
 /// What one sample is to be compared with.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum SampleTarget<F> {
     /// Ignored: zero loss, zero gradient.
     Ignored,
@@ -58,33 +80,74 @@ pub(crate) enum SampleTarget<F> {
     Probs,
 }
 
-/// Loss and gradient coefficients of one sample once `m`, `s` and the sums
-/// are known. Returns `(loss, k1)` where the gradient is
-/// `exp(x - m) * k1 - scale * (weighted smoothed target)`.
+/// The sums of the second pass, relative to the maximum `m`
+/// (`d = x - m`, `e = exp(d)`, `tw` the weighted smoothed target).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sums<F> {
+    /// `sum e`
+    pub s: F,
+    /// `sum w d` (index targets with smoothing)
+    pub smooth: F,
+    /// `sum tw` (probabilities)
+    pub pa: F,
+    /// `sum tw d` (probabilities)
+    pub pb: F,
+}
+
+impl<F: Real> Sums<F> {
+    #[inline(always)]
+    pub fn add(self, o: Self) -> Self {
+        Sums {
+            s: self.s + o.s,
+            smooth: self.smooth + o.smooth,
+            pa: self.pa + o.pa,
+            pb: self.pb + o.pb,
+        }
+    }
+}
+
+/// Loss of one sample once `m` and the sums are known, and the factor `k1`
+/// of its gradient `g * (e k1 - tw)`. `x_y_minus_m` is `x_y - m` for a
+/// class target. An ignored sample has no loss and a zero upstream gradient
+/// (see [`sample_scale`]); its `k1 = 0 / s` is NaN when the row holds a NaN,
+/// which makes its gradient NaN as PyTorch's is (`0 * NaN`).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn finish<F: Real>(
     k: &Consts<F>,
     t: SampleTarget<F>,
     x_y_minus_m: F,
-    s: F,
-    smooth_sum: F,
-    pa: F,
-    pb: F,
-    scale: F,
+    sums: Sums<F>,
 ) -> (F, F) {
-    let ln_s = s.ln();
+    let ln_s = sums.s.ln();
     match t {
-        SampleTarget::Ignored => (F::ZERO, F::ZERO),
+        SampleTarget::Ignored => (F::ZERO, F::ZERO / sums.s),
         SampleTarget::Class { w_y, .. } => {
             let mut loss = k.keep * w_y * (ln_s - x_y_minus_m);
             let mut a = k.keep * w_y;
             if k.smooth {
-                loss += k.eps_c * (k.w_total * ln_s - smooth_sum);
+                loss += k.eps_c * (k.w_total * ln_s - sums.smooth);
                 a += k.eps_c * k.w_total;
             }
-            (loss, scale * (a / s))
+            (loss, a / sums.s)
         }
-        SampleTarget::Probs => (pa * ln_s - pb, scale * (pa / s)),
+        SampleTarget::Probs => (sums.pa * ln_s - sums.pb, sums.pa / sums.s),
+    }
+}
+
+/// The gradient of a class target's own logit: `g * (e_y k1 - w_y (keep + eps_c))`
+/// (`eps_c` only with smoothing).
+#[inline(always)]
+pub(crate) fn target_grad<F: Real>(k: &Consts<F>, e_y: F, k1: F, w_y: F, scale: F) -> F {
+    let own = if k.smooth { k.keep + k.eps_c } else { k.keep };
+    scale * (e_y * k1 - w_y * own)
+}
+
+/// The upstream gradient a sample's gradient is scaled by: zero for an
+/// ignored sample (its loss does not count), else `scale`.
+#[inline(always)]
+pub(crate) fn sample_scale<F: Real>(t: SampleTarget<F>, scale: F) -> F {
+    match t {
+        SampleTarget::Ignored => F::ZERO,
+        _ => scale,
     }
 }

@@ -1,70 +1,92 @@
 //! Samples whose classes are contiguous in memory: `(N, C)` and `(C,)` inputs.
 
-use super::{finish, Consts, SampleTarget};
+use super::{finish, sample_scale, target_grad, Consts, SampleTarget, Sums};
+use crate::ce::io::{Io, Logits};
 use crate::elem::{Elem, Real};
 use crate::simd::Lanes;
 
-/// The logits of one row and where its gradient goes.
-pub(crate) enum RowIo<'r, T> {
-    Forward(&'r [T]),
-    Grad(&'r [T], &'r mut [T]),
-    InPlace(&'r mut [T]),
-}
-
-impl<T> RowIo<'_, T> {
-    #[inline(always)]
-    fn input(&self) -> &[T] {
-        match self {
-            RowIo::Forward(x) | RowIo::Grad(x, _) => x,
-            RowIo::InPlace(x) => x,
-        }
-    }
+/// What one row is compared with, beyond its logits.
+pub(crate) struct RowIn<'r, T, F> {
+    pub target: SampleTarget<F>,
+    /// The row's class probabilities, for `SampleTarget::Probs`.
+    pub probs: Option<&'r [T]>,
+    /// The upstream gradient of the row's loss.
+    pub scale: F,
 }
 
 #[inline(always)]
-fn max_of<L: Lanes, T: Elem>(l: L, x: &[T]) -> L::F {
+fn max_of<L: Lanes, T: Elem>(l: L, x: &[T], lo: usize, hi: usize) -> L::F {
     let n = L::N;
     let neg = l.splat(L::F::NEG_INFINITY);
     let mut acc = [neg; 4];
-    let mut i = 0;
-    while i + 4 * n <= x.len() {
+    let mut i = lo;
+    while i + 4 * n <= hi {
         for (j, a) in acc.iter_mut().enumerate() {
             *a = l.max(*a, l.load(&x[i + j * n..]));
         }
         i += 4 * n;
     }
-    while i + n <= x.len() {
+    while i + n <= hi {
         acc[0] = l.max(acc[0], l.load(&x[i..]));
         i += n;
     }
     l.hmax(l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3])))
 }
 
-/// Sums of the second pass over `x` (length a multiple of `L::N`):
-/// `[sum e, sum w d, sum w t', sum w t' d]` with `d = x - m`, `e = exp(d)`.
+/// The weighted smoothed target `tw` of the classes at `i..i + L::N`
+/// without the one-hot part: `w t'` for probabilities, `eps/C w` with
+/// smoothing, `None` (zero) otherwise.
+#[inline(always)]
+fn target_weight<L: Lanes, T: Elem>(
+    l: L,
+    k: &Consts<L::F>,
+    probs: Option<&[T]>,
+    i: usize,
+) -> Option<L::V> {
+    let w = k.weight.as_deref();
+    match probs {
+        Some(t) => {
+            let tp = l.mul_add(l.load(&t[i..]), l.splat(k.keep), l.splat(k.eps_c));
+            Some(match w {
+                Some(w) => l.mul(l.load(&w[i..]), tp),
+                None => tp,
+            })
+        }
+        None if k.smooth => Some(match w {
+            Some(w) => l.mul(l.load(&w[i..]), l.splat(k.eps_c)),
+            None => l.splat(k.eps_c),
+        }),
+        None => None,
+    }
+}
+
+/// The sums of the second pass over `x[lo..hi]` (`hi - lo` a multiple of
+/// `L::N`); stores `e = exp(x - m)` into `scratch` when there is one.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn exp_pass<L: Lanes, T: Elem>(
     l: L,
     k: &Consts<L::F>,
     x: &[T],
-    w: Option<&[L::F]>,
-    t: Option<&[T]>,
+    probs: Option<&[T]>,
+    lo: usize,
+    hi: usize,
     m: L::F,
     mut scratch: Option<&mut [L::F]>,
-) -> [L::F; 4] {
+) -> Sums<L::F> {
     let n = L::N;
     let zero = l.splat(L::F::ZERO);
-    let (mv, keep, eps_c) = (l.splat(m), l.splat(k.keep), l.splat(k.eps_c));
-    // Blocked summation: partial sums over BLOCK elements are added into the
+    let mv = l.splat(m);
+    let w = k.weight.as_deref();
+    // Blocked summation: partial sums over BLOCK vectors are added into the
     // totals, which keeps float32 rounding error small for any C.
     let (mut s, mut sm, mut pa, mut pb) = (zero, zero, zero, zero);
-    let mut lo = 0;
-    while lo < x.len() {
-        let hi = (lo + super::BLOCK * n).min(x.len());
+    let mut b0 = lo;
+    while b0 < hi {
+        let b1 = (b0 + super::BLOCK * n).min(hi);
         let (mut bs, mut bsm, mut bpa, mut bpb) = (zero, zero, zero, zero);
-        let mut i = lo;
-        while i + n <= hi {
+        let mut i = b0;
+        while i + n <= b1 {
             let d = l.sub(l.load(&x[i..]), mv);
             let e = l.exp(d);
             bs = l.add(bs, e);
@@ -77,12 +99,8 @@ fn exp_pass<L: Lanes, T: Elem>(
                     None => l.add(bsm, d),
                 };
             }
-            if let Some(t) = t {
-                let tp = l.mul_add(l.load(&t[i..]), keep, eps_c);
-                let tw = match w {
-                    Some(w) => l.mul(l.load(&w[i..]), tp),
-                    None => tp,
-                };
+            if probs.is_some() {
+                let tw = target_weight(l, k, probs, i).unwrap_or(zero);
                 bpa = l.add(bpa, tw);
                 bpb = l.mul_add(tw, d, bpb);
             }
@@ -92,160 +110,177 @@ fn exp_pass<L: Lanes, T: Elem>(
         sm = l.add(sm, bsm);
         pa = l.add(pa, bpa);
         pb = l.add(pb, bpb);
-        lo = hi;
+        b0 = b1;
     }
-    [l.hsum(s), l.hsum(sm), l.hsum(pa), l.hsum(pb)]
+    Sums {
+        s: l.hsum(s),
+        smooth: l.hsum(sm),
+        pa: l.hsum(pa),
+        pb: l.hsum(pb),
+    }
 }
 
-/// `g = e * k1 - scale * (weighted smoothed target)` over a stretch whose
-/// length is a multiple of `L::N`; the target class itself is fixed after.
+/// Reads the logits and writes their gradient position by position: from a
+/// separate buffer, or over the logits themselves (each position is read
+/// before it is written).
+trait GradAccess<T> {
+    fn x(&self, i: usize) -> &[T];
+    fn g(&mut self, i: usize) -> &mut [T];
+}
+
+struct Separate<'r, T>(&'r [T], &'r mut [T]);
+struct Same<'r, T>(&'r mut [T]);
+
+impl<T> GradAccess<T> for Separate<'_, T> {
+    #[inline(always)]
+    fn x(&self, i: usize) -> &[T] {
+        &self.0[i..]
+    }
+    #[inline(always)]
+    fn g(&mut self, i: usize) -> &mut [T] {
+        &mut self.1[i..]
+    }
+}
+
+impl<T> GradAccess<T> for Same<'_, T> {
+    #[inline(always)]
+    fn x(&self, i: usize) -> &[T] {
+        &self.0[i..]
+    }
+    #[inline(always)]
+    fn g(&mut self, i: usize) -> &mut [T] {
+        &mut self.0[i..]
+    }
+}
+
+/// The row's constants in the gradient pass.
+#[derive(Clone, Copy)]
+struct GradConsts<F> {
+    m: F,
+    k1: F,
+    scale: F,
+}
+
+/// `g = scale * (e k1 - tw)` over `lo..hi` (a multiple of `L::N` long),
+/// with `e` from the scratch row or computed again from the logits.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_pass<L: Lanes, T: Elem>(
+fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     l: L,
     k: &Consts<L::F>,
-    g: &mut [T],
-    e: &[L::F],
-    w: Option<&[L::F]>,
-    t: Option<&[T]>,
-    k1: L::F,
-    scale: L::F,
+    acc: &mut A,
+    probs: Option<&[T]>,
+    e: Option<&[L::F]>,
+    lo: usize,
+    hi: usize,
+    gc: GradConsts<L::F>,
 ) {
-    let n = L::N;
-    let k1v = l.splat(k1);
-    let (keep, eps_c) = (l.splat(k.keep), l.splat(k.eps_c));
-    let neg_scale = l.splat(-scale);
-    let neg_k2 = l.splat(-(scale * k.eps_c));
-    let mut i = 0;
-    while i + n <= g.len() {
-        let ev = l.load(&e[i..]);
-        let gv = match t {
-            Some(t) => {
-                let tp = l.mul_add(l.load(&t[i..]), keep, eps_c);
-                let tw = match w {
-                    Some(w) => l.mul(l.load(&w[i..]), tp),
-                    None => tp,
-                };
-                l.mul_add(ev, k1v, l.mul(neg_scale, tw))
-            }
-            None => match w {
-                Some(w) => l.mul_add(ev, k1v, l.mul(l.load(&w[i..]), neg_k2)),
-                None => l.mul_add(ev, k1v, neg_k2),
-            },
+    let (mv, k1v, sv) = (l.splat(gc.m), l.splat(gc.k1), l.splat(gc.scale));
+    let mut i = lo;
+    while i + L::N <= hi {
+        let ev = match e {
+            Some(e) => l.load(&e[i..]),
+            None => l.exp(l.sub(l.load(acc.x(i)), mv)),
         };
-        l.store(gv, &mut g[i..]);
-        i += n;
+        let p = l.mul(ev, k1v);
+        let gv = match target_weight(l, k, probs, i) {
+            Some(tw) => l.mul(sv, l.sub(p, tw)),
+            None => l.mul(sv, p),
+        };
+        l.store(gv, acc.g(i));
+        i += L::N;
     }
 }
 
-/// Loss of one row; writes its gradient when `io` asks for one.
-/// `probs` holds the row's class probabilities when `target` is `Probs`;
-/// `scratch` has room for `C` values when a gradient is wanted.
+/// `exp(x[i] - m)` computed by the lanes that compute it in the passes
+/// (a vector of `L` when `i` lies in the body, the tail's lane otherwise),
+/// so that it has the same bits as there.
+#[inline(always)]
+fn exp_at<L: Lanes, T: Elem>(l: L, x: &[T], body: usize, i: usize, m: L::F) -> L::F {
+    if i >= body {
+        let tl = l.tail();
+        return tl.hsum(tl.exp(tl.sub(tl.load(&x[i..]), tl.splat(m))));
+    }
+    let i0 = i - i % L::N;
+    let mut lanes = [L::F::ZERO; 16];
+    l.store(
+        l.exp(l.sub(l.load(&x[i0..]), l.splat(m))),
+        &mut lanes[..L::N],
+    );
+    lanes[i - i0]
+}
+
+/// Both gradient passes and the target class's own gradient.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
+    l: L,
+    k: &Consts<L::F>,
+    acc: &mut A,
+    r: &RowIn<'_, T, L::F>,
+    e: Option<&[L::F]>,
+    gc: GradConsts<L::F>,
+    e_y: L::F,
+) {
+    let c = k.classes;
+    let body = c - c % L::N;
+    grad_pass(l, k, acc, r.probs, e, 0, body, gc);
+    grad_pass(l.tail(), k, acc, r.probs, e, body, c, gc);
+    if let SampleTarget::Class { y, w_y } = r.target {
+        acc.g(y)[0] = target_grad(k, e_y, gc.k1, w_y, gc.scale).to_elem();
+    }
+}
+
+/// Loss of one row; writes its gradient when `io` asks for one. `scratch`
+/// (room for `C` values) keeps the exponentials between the passes; without
+/// it they are computed again (same bits).
 #[inline(always)]
 pub(crate) fn row<L: Lanes, T: Elem>(
     l: L,
     k: &Consts<L::F>,
-    io: RowIo<'_, T>,
-    target: SampleTarget<L::F>,
-    probs: Option<&[T]>,
-    scale: L::F,
-    scratch: &mut [L::F],
+    io: Logits<'_, T>,
+    r: RowIn<'_, T, L::F>,
+    scratch: Option<&mut [L::F]>,
 ) -> L::F {
     let c = k.classes;
-    let want_grad = !matches!(io, RowIo::Forward(_));
     let body = c - c % L::N;
     let tl = l.tail();
-    let w = k.weight;
-    let split_w = |lo: usize, hi: usize| w.map(|w| &w[lo..hi]);
-    let split_t = |lo: usize, hi: usize| probs.map(|t| &t[lo..hi]);
-
-    if let SampleTarget::Ignored = target {
-        match io {
-            RowIo::Forward(_) => {}
-            RowIo::Grad(_, g) | RowIo::InPlace(g) => {
-                g[..c].iter_mut().for_each(|v| *v = T::from_f32(0.0))
-            }
-        }
+    if matches!(r.target, SampleTarget::Ignored) && !io.wants_grad() {
         return L::F::ZERO;
     }
-
-    let (x_y_minus_m, sums) = {
+    let mut scratch = if io.wants_grad() { scratch } else { None };
+    let (gc, loss, e_y) = {
         let x = &io.input()[..c];
-        let m1 = max_of(l, &x[..body]);
-        let m2 = max_of(tl, &x[body..]);
+        let (m1, m2) = (max_of(l, x, 0, body), max_of(tl, x, body, c));
         let m = if m2 > m1 { m2 } else { m1 };
-        let (sc_body, sc_tail) = if want_grad {
-            let (a, b) = scratch[..c].split_at_mut(body);
-            (Some(a), Some(b))
-        } else {
-            (None, None)
-        };
-        let a = exp_pass(
-            l,
-            k,
-            &x[..body],
-            split_w(0, body),
-            split_t(0, body),
-            m,
-            sc_body,
-        );
-        let b = exp_pass(
+        let sums = exp_pass(l, k, x, r.probs, 0, body, m, scratch.as_deref_mut());
+        let sums = sums.add(exp_pass(
             tl,
             k,
-            &x[body..],
-            split_w(body, c),
-            split_t(body, c),
+            x,
+            r.probs,
+            body,
+            c,
             m,
-            sc_tail,
-        );
-        let sums = [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]];
-        let xy = match target {
-            SampleTarget::Class { y, .. } => L::F::from_elem(x[y]) - m,
-            _ => L::F::ZERO,
+            scratch.as_deref_mut(),
+        ));
+        let (xy, e_y) = match r.target {
+            SampleTarget::Class { y, .. } => (L::F::from_elem(x[y]) - m, exp_at(l, x, body, y, m)),
+            _ => (L::F::ZERO, L::F::ZERO),
         };
-        (xy, sums)
+        let (loss, k1) = finish(k, r.target, xy, sums);
+        let gc = GradConsts {
+            m,
+            k1,
+            scale: sample_scale(r.target, r.scale),
+        };
+        (gc, loss, e_y)
     };
-    let (loss, k1) = finish(
-        k,
-        target,
-        x_y_minus_m,
-        sums[0],
-        sums[1],
-        sums[2],
-        sums[3],
-        scale,
-    );
-
-    let g = match io {
-        RowIo::Forward(_) => return loss,
-        RowIo::Grad(_, g) | RowIo::InPlace(g) => &mut g[..c],
-    };
-    let e = &scratch[..c];
-    let (g_body, g_tail) = g.split_at_mut(body);
-    grad_pass(
-        l,
-        k,
-        g_body,
-        &e[..body],
-        split_w(0, body),
-        split_t(0, body),
-        k1,
-        scale,
-    );
-    grad_pass(
-        tl,
-        k,
-        g_tail,
-        &e[body..],
-        split_w(body, c),
-        split_t(body, c),
-        k1,
-        scale,
-    );
-    if let SampleTarget::Class { y, w_y } = target {
-        // The stretch wrote `e k1 - scale eps/C w_y` here; the target class
-        // also carries `(1 - eps) w_y`.
-        g[y] = (e[y] * k1 - scale * (w_y * (k.keep + k.eps_c))).to_elem();
+    let e = scratch.as_deref();
+    match io {
+        Io::Forward(_) => {}
+        Io::Grad(x, g) => gradient(l, k, &mut Separate(x, g), &r, e, gc, e_y),
+        Io::InPlace(x) => gradient(l, k, &mut Same(x), &r, e, gc, e_y),
     }
     loss
 }

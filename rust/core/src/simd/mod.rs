@@ -99,17 +99,16 @@ fn detect() -> Level {
 
 /// The widest level this CPU supports, capped by the environment variable
 /// `FUSEDCE_SIMD` (`scalar`, `avx2`, `avx512`) when it is set: a way to test
-/// the narrower kernels on a wide machine.
+/// the narrower kernels on a wide machine. (A malformed value is reported by
+/// [`crate::threads::pool`], which every entry point calls first.)
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let best = detect();
-        let cap = match std::env::var("FUSEDCE_SIMD").ok().as_deref() {
-            Some("scalar") => Level::Scalar,
-            Some("avx2") => Level::Avx2,
-            _ => Level::Avx512,
-        };
-        best.min(cap)
+        let cap = crate::config::get()
+            .ok()
+            .and_then(|c| c.simd_cap)
+            .unwrap_or(Level::Avx512);
+        detect().min(cap)
     })
 }
 

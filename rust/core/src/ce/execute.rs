@@ -1,0 +1,272 @@
+//! Execution of a validated [`Plan`] by the row and column kernels, over
+//! work items fixed by the shape (never by the thread count), with the
+//! partial sums of the losses added in item order: bitwise reproducible.
+//!
+//! Nothing here checks anything: the plan was validated, and the buffers'
+//! lengths were checked against it by the caller.
+
+use super::io::{Io, Logits};
+use super::plan::Plan;
+use crate::elem::{Elem, Real};
+use crate::kernels::columns::{self, Image, LaneIn, Shared};
+use crate::kernels::rows::{self, RowIn};
+use crate::kernels::{SampleTarget, SCRATCH_MAX};
+use crate::simd::{Compute, Lanes, Task};
+use rayon::prelude::*;
+
+/// Logits per row work item, and spatial positions per column work item.
+const ITEM_ELEMS: usize = 1 << 16;
+const SPATIAL_PIECE: usize = 1024;
+
+/// What an execution writes besides the gradient.
+pub(crate) struct Outputs<'o, O> {
+    /// Per-sample losses of the executed samples.
+    pub losses: Option<&'o mut [O]>,
+}
+
+/// Runs the samples `sample0..` of `plan` whose logits are `io` (whole
+/// images: `len / (C * spatial)` of them) on the current thread pool.
+/// `probs` holds their class probabilities for probability targets.
+/// Returns the sum of their losses (in item order).
+pub(crate) fn execute<T: Elem, O: Elem>(
+    plan: &Plan<'_, T::Acc>,
+    sample0: usize,
+    io: Logits<'_, T>,
+    probs: Option<&[T]>,
+    out: Outputs<'_, O>,
+) -> f64
+where
+    T::Acc: Compute,
+{
+    if io.is_empty() {
+        return 0.0;
+    }
+    if plan.spatial == 1 {
+        run_rows(plan, sample0, io, probs, out)
+    } else {
+        run_columns(plan, sample0, io, probs, out)
+    }
+}
+
+/// A scratch buffer of `len` values when it is small enough and the
+/// allocation succeeds; else `None` (the kernels then compute again what
+/// they would have kept: same bits, bounded memory).
+fn scratch<F: Real>(want: bool, len: usize) -> Option<Vec<F>> {
+    if !want || len > SCRATCH_MAX {
+        return None;
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, F::ZERO);
+    Some(v)
+}
+
+// ---- (N, C): rows ----------------------------------------------------------
+
+struct RowTask<'a, 'p, T: Elem, O> {
+    plan: &'p Plan<'p, T::Acc>,
+    /// Index (in the plan) of the item's first row.
+    i0: usize,
+    io: Logits<'a, T>,
+    probs: Option<&'a [T]>,
+    losses: Option<&'a mut [O]>,
+    scratch: Option<&'a mut [T::Acc]>,
+}
+
+impl<T: Elem, O: Elem> Task<T::Acc> for RowTask<'_, '_, T, O> {
+    type Output = f64;
+    #[inline(always)]
+    fn run<L: Lanes<F = T::Acc>>(self, l: L) -> f64 {
+        let RowTask {
+            plan,
+            i0,
+            mut io,
+            probs,
+            mut losses,
+            mut scratch,
+        } = self;
+        let c = plan.k.classes;
+        let mut total = 0.0f64;
+        for r in 0..io.len() / c {
+            let (row, rest) = io.split_at(c);
+            io = rest;
+            let i = i0 + r;
+            let input = RowIn {
+                target: plan.target(i),
+                probs: probs.map(|t| &t[r * c..(r + 1) * c]),
+                scale: T::Acc::from_f64(plan.scale(i)),
+            };
+            let loss = rows::row(l, &plan.k, row, input, scratch.as_deref_mut());
+            if let Some(ls) = losses.as_deref_mut() {
+                ls[r] = loss.to_elem();
+            }
+            total += loss.to_f64();
+        }
+        total
+    }
+}
+
+fn run_rows<T: Elem, O: Elem>(
+    plan: &Plan<'_, T::Acc>,
+    sample0: usize,
+    io: Logits<'_, T>,
+    probs: Option<&[T]>,
+    out: Outputs<'_, O>,
+) -> f64
+where
+    T::Acc: Compute,
+{
+    let c = plan.k.classes;
+    let rows_per = (ITEM_ELEMS / c).max(1);
+    let want_grad = io.wants_grad();
+    let ios = io.pieces(rows_per * c);
+    let mut loss_chunks: Vec<Option<&mut [O]>> = match out.losses {
+        Some(l) => l.chunks_mut(rows_per).map(Some).collect(),
+        None => Vec::new(),
+    };
+    loss_chunks.resize_with(ios.len(), || None);
+    let partials: Vec<f64> = ios
+        .into_par_iter()
+        .zip(loss_chunks)
+        .enumerate()
+        .map_init(
+            || scratch::<T::Acc>(want_grad, c),
+            |sc, (j, (io, losses))| {
+                let r0 = j * rows_per;
+                T::Acc::dispatch(RowTask {
+                    plan,
+                    i0: sample0 + r0,
+                    probs: probs.map(|t| &t[r0 * c..(r0 * c + io.len())]),
+                    io,
+                    losses,
+                    scratch: sc.as_deref_mut(),
+                })
+            },
+        )
+        .collect();
+    partials.iter().sum()
+}
+
+// ---- (N, C, d1..dK): columns -------------------------------------------------
+
+struct ColumnTask<'a, 'p, T: Elem, O> {
+    plan: &'p Plan<'p, T::Acc>,
+    img: Image<T>,
+    /// Index (in the plan) of the image's first sample.
+    i0: usize,
+    s0: usize,
+    s1: usize,
+    losses: Option<Shared<O>>,
+    /// Offset of the image's first sample in `losses`.
+    loss0: usize,
+    scratch: Option<&'a mut [T::Acc]>,
+}
+
+impl<T: Elem, O: Elem> ColumnTask<'_, '_, T, O> {
+    #[inline(always)]
+    fn blocks<L: Lanes<F = T::Acc>>(&mut self, l: L, from: usize, to: usize) -> f64 {
+        let n = L::N;
+        let plan = self.plan;
+        let mut total = 0.0f64;
+        let mut lanes = [LaneIn {
+            target: SampleTarget::Ignored,
+            scale: T::Acc::ZERO,
+        }; 16];
+        let mut loss = [T::Acc::ZERO; 16];
+        let mut s = from;
+        while s + n <= to {
+            for (j, li) in lanes[..n].iter_mut().enumerate() {
+                *li = LaneIn {
+                    target: plan.target(self.i0 + s + j),
+                    scale: T::Acc::from_f64(plan.scale(self.i0 + s + j)),
+                };
+            }
+            let sc = self
+                .scratch
+                .as_deref_mut()
+                .map(|sc| &mut sc[..plan.k.classes * n]);
+            // SAFETY: this task alone owns spatial positions s0..s1 of its image.
+            unsafe { columns::block(l, &plan.k, &self.img, s, &lanes[..n], sc, &mut loss[..n]) };
+            for (j, &v) in loss[..n].iter().enumerate() {
+                total += v.to_f64();
+                if let Some(ls) = &self.losses {
+                    // SAFETY: the loss positions of this task's samples are its own.
+                    let dst = unsafe { ls.get_mut(self.loss0 + s + j, 1) };
+                    dst[0] = v.to_elem();
+                }
+            }
+            s += n;
+        }
+        total
+    }
+}
+
+impl<T: Elem, O: Elem> Task<T::Acc> for ColumnTask<'_, '_, T, O> {
+    type Output = f64;
+    #[inline(always)]
+    fn run<L: Lanes<F = T::Acc>>(mut self, l: L) -> f64 {
+        let (s0, s1) = (self.s0, self.s1);
+        let body_end = s0 + (s1 - s0) / L::N * L::N;
+        let a = self.blocks(l, s0, body_end);
+        let b = self.blocks(l.tail(), body_end, s1);
+        a + b
+    }
+}
+
+fn run_columns<T: Elem, O: Elem>(
+    plan: &Plan<'_, T::Acc>,
+    sample0: usize,
+    io: Logits<'_, T>,
+    probs: Option<&[T]>,
+    out: Outputs<'_, O>,
+) -> f64
+where
+    T::Acc: Compute,
+{
+    let (c, sp) = (plan.k.classes, plan.spatial);
+    let batch = io.len() / (c * sp);
+    let want_grad = io.wants_grad();
+    let io = match io {
+        Io::Forward(x) => Io::Forward(Shared::from_ref(x)),
+        Io::Grad(x, g) => Io::Grad(Shared::from_ref(x), Shared::new(g)),
+        Io::InPlace(x) => Io::InPlace(Shared::new(x)),
+    };
+    let probs = probs.map(Shared::from_ref);
+    let losses = out.losses.map(Shared::new);
+    let items: Vec<(usize, usize, usize)> = (0..batch)
+        .flat_map(|n| {
+            (0..sp)
+                .step_by(SPATIAL_PIECE)
+                .map(move |s0| (n, s0, (s0 + SPATIAL_PIECE).min(sp)))
+        })
+        .collect();
+    let partials: Vec<f64> = items
+        .into_par_iter()
+        .map_init(
+            || scratch::<T::Acc>(want_grad, c.saturating_mul(16)),
+            |sc, (n, s0, s1)| {
+                let img = Image {
+                    io: match &io {
+                        Io::Forward(x) => Io::Forward(*x),
+                        Io::Grad(x, g) => Io::Grad(*x, *g),
+                        Io::InPlace(x) => Io::InPlace(*x),
+                    },
+                    probs,
+                    base: n * c * sp,
+                    spatial: sp,
+                };
+                T::Acc::dispatch(ColumnTask {
+                    plan,
+                    img,
+                    i0: sample0 + n * sp,
+                    s0,
+                    s1,
+                    losses,
+                    loss0: n * sp,
+                    scratch: sc.as_deref_mut(),
+                })
+            },
+        )
+        .collect();
+    partials.iter().sum()
+}

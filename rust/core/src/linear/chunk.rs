@@ -1,0 +1,238 @@
+//! One chunk of rows of the linear cross-entropy: the forward (the logits
+//! `X_c · Wᵀ (+ b)`, then the cross-entropy execute step of the call's
+//! plan, in place) and the backward (`dX_c`, `dW`, `db`) from those logits,
+//! which by then hold their gradient.
+
+use super::gemm::{matmul, GemmReal, MatMut, MatRef};
+use super::weight::{convert, widen_into, zeros, Weight};
+use crate::ce::execute::{execute, Outputs};
+use crate::ce::{Io, Plan};
+use crate::elem::{same_type_mut, Elem};
+use crate::error::CeError;
+use rayon::prelude::*;
+
+/// What every chunk of one call shares.
+pub(crate) struct Ctx<'a, 'p, T, G> {
+    pub plan: &'p Plan<'p, G>,
+    /// `(N, D)` rows and their probability targets `(N, C·S)`, if any.
+    pub input: &'a [T],
+    pub probs: Option<&'a [T]>,
+    pub bias: Option<&'a [G]>,
+    pub d: usize,
+    /// `C · S`: logits per row.
+    pub cs: usize,
+    pub spatial: usize,
+    pub threads: usize,
+}
+
+/// Buffers reused by every chunk (reserved once, at their largest).
+pub(crate) struct ChunkBufs<G> {
+    logits: Vec<G>,
+    x: Vec<G>,
+    probs: Vec<G>,
+    dx: Vec<G>,
+}
+
+impl<G: GemmReal + Default> ChunkBufs<G> {
+    /// `converts`: whether rows, probabilities and `dX` need `G` copies.
+    pub fn reserve(
+        rows: usize,
+        d: usize,
+        cs: usize,
+        converts: bool,
+        probs: bool,
+        grad: bool,
+    ) -> Result<Self, CeError> {
+        let conv = |len: usize, what: &str| {
+            if converts {
+                zeros(len, what)
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        Ok(ChunkBufs {
+            logits: zeros(
+                rows.saturating_mul(cs),
+                "the logits chunk (rows x C x d1..dK)",
+            )?,
+            x: conv(rows * d, "a converted chunk of input")?,
+            probs: if probs {
+                conv(rows.saturating_mul(cs), "a converted chunk of target")?
+            } else {
+                Vec::new()
+            },
+            dx: if grad {
+                conv(rows * d, "the chunk's input gradient")?
+            } else {
+                Vec::new()
+            },
+        })
+    }
+}
+
+/// Where the gradients go: the outputs, and accumulators in `G` (or `f64`
+/// for the bias) where the outputs are of another type.
+pub(crate) struct Grads<'g, T, G> {
+    pub dx: &'g mut [T],
+    dw: &'g mut [T],
+    /// The weight gradient in `G` when `T` is not `G` (rounded into `dw` once).
+    dw_acc: Vec<G>,
+    db: Option<(&'g mut [T], Vec<f64>)>,
+}
+
+impl<'g, T: Elem, G: GemmReal + Default> Grads<'g, T, G> {
+    pub fn new(dx: &'g mut [T], dw: &'g mut [T], db: Option<&'g mut [T]>) -> Result<Self, CeError> {
+        let dw_acc = match same_type_mut::<T, G>(dw) {
+            Some(out) => {
+                out.par_iter_mut().for_each(|v| *v = G::ZERO);
+                Vec::new()
+            }
+            None => zeros(dw.len(), "the weight-gradient accumulator")?,
+        };
+        let db = match db {
+            Some(b) => {
+                let acc = zeros(b.len(), "the bias-gradient accumulator")?;
+                Some((b, acc))
+            }
+            None => None,
+        };
+        Ok(Grads { dx, dw, dw_acc, db })
+    }
+
+    fn dw(&mut self) -> &mut [G] {
+        match same_type_mut::<T, G>(self.dw) {
+            Some(out) => out,
+            None => &mut self.dw_acc,
+        }
+    }
+
+    /// Rounds the accumulators into the outputs.
+    pub fn finish(self) {
+        if same_type_mut::<T, G>(&mut *self.dw).is_none() {
+            convert(&self.dw_acc, self.dw);
+        }
+        if let Some((out, acc)) = self.db {
+            for (o, &v) in out.iter_mut().zip(&acc) {
+                *o = T::from_f64(v);
+            }
+        }
+    }
+}
+
+/// Runs rows `r0..r1`: their losses go to `losses` (for `reduction='none'`),
+/// their gradients into `grads`. Returns the sum of their losses.
+pub(crate) fn run<T: Elem, G: GemmReal + Default>(
+    ctx: &Ctx<'_, '_, T, G>,
+    weight: &mut Weight<'_, T, G>,
+    bufs: &mut ChunkBufs<G>,
+    (r0, r1): (usize, usize),
+    losses: Option<&mut [T]>,
+    grads: Option<&mut Grads<'_, T, G>>,
+) -> f64 {
+    let (d, cs, nr) = (ctx.d, ctx.cs, r1 - r0);
+    let ChunkBufs {
+        logits,
+        x,
+        probs,
+        dx,
+    } = bufs;
+    let x = widen_into(&ctx.input[r0 * d..r1 * d], x);
+    let l = &mut logits[..nr * cs];
+    forward_logits(ctx, weight, x, l, nr);
+    let probs = ctx.probs.map(|t| &*widen_into(&t[r0 * cs..r1 * cs], probs));
+    let io = if grads.is_some() {
+        Io::InPlace(&mut *l)
+    } else {
+        Io::Forward(&*l)
+    };
+    let part = execute(ctx.plan, r0 * ctx.spatial, io, probs, Outputs { losses });
+    if let Some(g) = grads {
+        backward(ctx, weight, x, l, (r0, r1), g, dx);
+    }
+    part
+}
+
+/// `l = x · Wᵀ (+ b)` for the `nr` rows of `x`.
+fn forward_logits<T: Elem, G: GemmReal + Default>(
+    ctx: &Ctx<'_, '_, T, G>,
+    weight: &mut Weight<'_, T, G>,
+    x: &[G],
+    l: &mut [G],
+    nr: usize,
+) {
+    let (d, cs) = (ctx.d, ctx.cs);
+    if let (Some(b), true) = (ctx.bias, cs > 0) {
+        l.par_chunks_mut(cs).for_each(|row| row.copy_from_slice(b));
+    }
+    let x = MatRef::rows(x, nr, d, d);
+    weight.blocks(|j0, j1, w| {
+        let dst = MatMut::rows(&mut *l, nr, cs, cs).cols(j0, j1);
+        let w = MatRef::rows(w, j1 - j0, d, d);
+        matmul(dst, ctx.bias.is_some(), x, w.t(), ctx.threads);
+    });
+}
+
+/// From the chunk's logits gradient `dl`: `dX_c = dL · W`,
+/// `dW += dLᵀ · X_c`, `db += Σ_rows dL` (in `f64`, rows in order).
+fn backward<T: Elem, G: GemmReal + Default>(
+    ctx: &Ctx<'_, '_, T, G>,
+    weight: &mut Weight<'_, T, G>,
+    x: &[G],
+    dl: &[G],
+    (r0, r1): (usize, usize),
+    grads: &mut Grads<'_, T, G>,
+    dx_buf: &mut [G],
+) {
+    let (d, cs, nr) = (ctx.d, ctx.cs, r1 - r0);
+    let dl_m = MatRef::rows(dl, nr, cs, cs);
+    let x_m = MatRef::rows(x, nr, d, d);
+    let direct = same_type_mut::<T, G>(&mut grads.dx[r0 * d..r1 * d]).is_some();
+    weight.blocks(|j0, j1, w| {
+        let w = MatRef::rows(w, j1 - j0, d, d);
+        let dx: &mut [G] = match same_type_mut::<T, G>(&mut grads.dx[r0 * d..r1 * d]) {
+            Some(out) => out,
+            None => &mut dx_buf[..nr * d],
+        };
+        matmul(
+            MatMut::rows(dx, nr, d, d),
+            j0 > 0,
+            dl_m.cols(j0, j1),
+            w,
+            ctx.threads,
+        );
+        let dw = &mut grads.dw()[j0 * d..j1 * d];
+        matmul(
+            MatMut::rows(dw, j1 - j0, d, d),
+            true,
+            dl_m.cols(j0, j1).t(),
+            x_m,
+            ctx.threads,
+        );
+    });
+    if !direct {
+        convert(&dx_buf[..nr * d], &mut grads.dx[r0 * d..r1 * d]);
+    }
+    if let Some((_, db)) = grads.db.as_mut() {
+        add_column_sums(db, dl, cs);
+    }
+}
+
+const BIAS_PIECE: usize = 4096;
+
+/// `acc[j] += Σ_rows dl[r, j]`, rows in order (pieces of columns in parallel).
+fn add_column_sums<G: GemmReal>(acc: &mut [f64], dl: &[G], cs: usize) {
+    if cs == 0 {
+        return;
+    }
+    acc.par_chunks_mut(BIAS_PIECE)
+        .enumerate()
+        .for_each(|(j, acc)| {
+            let j0 = j * BIAS_PIECE;
+            let len = acc.len();
+            for row in dl.chunks_exact(cs) {
+                for (a, &v) in acc.iter_mut().zip(&row[j0..j0 + len]) {
+                    *a += v.to_f64();
+                }
+            }
+        });
+}

@@ -1,0 +1,477 @@
+//! `linear_cross_entropy`: logits = X·Wᵀ (+ b) followed by softmax
+//! cross-entropy, fused and chunked over rows so that the `N x C` logits never
+//! exist.
+//!
+//! The cross-entropy problem is validated once into a [`Plan`] (targets,
+//! denominator, scales); then per chunk of `rows` rows (`chunk.rs`):
+//! 1. `L = X_c · Wᵀ (+ b)` into one reused buffer (`rows x C·S`, the compute
+//!    type `G`), by the GEMM (`gemm.rs`);
+//! 2. the plan's execute step turns `L` into `dL` in place (or only reads it,
+//!    for forward-only calls: then nothing below runs);
+//! 3. `dX_c = dL · W`, `dW += dLᵀ · X_c`, `db += Σ_rows dL`.
+//!
+//! `G` is `f32` for `f32`, `f16` and `bf16` inputs (half inputs are widened
+//! to `f32`: the weight once or block by block (`weight.rs`), each chunk of
+//! rows) and `f64` for `f64` inputs; callers may ask for `f64` for any input.
+//! The weight gradient of a half input accumulates in `f32` and is rounded
+//! once at the end.
+//!
+//! K-dimensional problems (`W` of shape `(C, d1..dK, D)`) are the same GEMMs
+//! with `W` viewed as `(C·S, D)`: each row of `L` is then laid out
+//! `(C, d1..dK)`, the cross-entropy kernel's `(N, C, S)` layout with
+//! `N = rows`.
+//!
+//! Determinism: chunk boundaries depend on `rows` only; the GEMMs split their
+//! output among threads without splitting any dot product, and the bias
+//! gradient sums rows in order, so for a fixed chunk size the bits do not
+//! depend on the thread count.
+
+mod chunk;
+mod gemm;
+mod weight;
+
+use crate::ce::plan::check_len;
+use crate::ce::{CrossEntropy, GradOutput, Plan, Reduction, Targets};
+use crate::elem::{Elem, ElemKind};
+use crate::error::CeError;
+use crate::threads;
+use chunk::{ChunkBufs, Ctx, Grads};
+use gemm::GemmReal;
+use weight::{widen, Weight};
+
+/// A linear-then-cross-entropy problem. Arrays are C-contiguous.
+#[derive(Clone, Copy)]
+pub struct LinearCrossEntropy<'a, T> {
+    /// `N` rows of `input` (1 for an unbatched input).
+    pub batch: usize,
+    /// `D`, the length of each input row.
+    pub in_features: usize,
+    /// `C`.
+    pub classes: usize,
+    /// `S = d1 * ... * dK` (1 without out_features).
+    pub spatial: usize,
+    /// `(N, D)`.
+    pub input: &'a [T],
+    /// `(C, d1..dK, D)`.
+    pub linear_weight: &'a [T],
+    /// `(C, d1..dK)`.
+    pub linear_bias: Option<&'a [T]>,
+    /// Class indices `(N, d1..dK)` or probabilities `(N, C, d1..dK)`.
+    pub targets: Targets<'a, T>,
+    pub weight: Option<&'a [f64]>,
+    pub ignore_index: i64,
+    pub reduction: Reduction,
+    pub label_smoothing: f64,
+    /// Rows per chunk (>= 1): the logits buffer holds `rows * C * S` values.
+    pub chunk_rows: usize,
+    /// Compute in `f64` whatever the input type.
+    pub acc_f64: bool,
+    /// When the weight must be converted to the compute type (half inputs,
+    /// or `acc_f64`), the largest converted copy (bytes) kept for the whole
+    /// call; a larger weight is converted block by block of classes inside
+    /// every chunk instead (more conversions, memory bounded by a block).
+    pub max_weight_copy: usize,
+}
+
+/// Where the gradients go: shapes of `input`, `linear_weight`, `linear_bias`.
+pub struct LinearGrads<'a, T> {
+    pub input: &'a mut [T],
+    pub linear_weight: &'a mut [T],
+    pub linear_bias: Option<&'a mut [T]>,
+}
+
+impl<'a, T: Elem> LinearCrossEntropy<'a, T> {
+    /// The cross-entropy problem over all `N x C·S` logits.
+    fn ce_problem(&self) -> CrossEntropy<'a, T> {
+        CrossEntropy {
+            batch: self.batch,
+            classes: self.classes,
+            spatial: self.spatial,
+            targets: self.targets,
+            weight: self.weight,
+            ignore_index: self.ignore_index,
+            reduction: self.reduction,
+            label_smoothing: self.label_smoothing,
+        }
+    }
+
+    /// The arrays' lengths fit the shapes, and the chunk is not empty.
+    fn check_buffers(&self, grads: Option<&LinearGrads<'_, T>>) -> Result<(), CeError> {
+        let (n, d, cs) = (self.batch, self.in_features, self.classes * self.spatial);
+        check_len("input", self.input.len(), n * d, "N * in_features")?;
+        check_len(
+            "linear_weight",
+            self.linear_weight.len(),
+            cs * d,
+            "C * d1..dK * in_features",
+        )?;
+        if let Some(b) = self.linear_bias {
+            check_len("linear_bias", b.len(), cs, "C * d1..dK")?;
+        }
+        if self.chunk_rows == 0 {
+            return Err(CeError::invalid(
+                "batch_chunk_size",
+                "expected a positive number of rows per chunk, got 0",
+            ));
+        }
+        let Some(g) = grads else { return Ok(()) };
+        check_len("grad_input", g.input.len(), n * d, "the input's size")?;
+        check_len(
+            "grad_linear_weight",
+            g.linear_weight.len(),
+            cs * d,
+            "linear_weight's size",
+        )?;
+        match (&g.linear_bias, self.linear_bias) {
+            (Some(gb), Some(_)) => {
+                check_len("grad_linear_bias", gb.len(), cs, "linear_bias's size")
+            }
+            (None, None) => Ok(()),
+            _ => Err(CeError::invalid(
+                "grad_linear_bias",
+                "expected a bias gradient buffer exactly when linear_bias is given",
+            )),
+        }
+    }
+}
+
+/// Runs the fused linear cross-entropy. Returns the reduced loss for `mean`
+/// and `sum` (NaN for `none`, whose per-sample losses go to `losses`).
+/// Gradients are computed only when `grads` is given; `grad_output` is the
+/// upstream gradient as for [`crate::cross_entropy`].
+///
+/// Every argument is validated before anything is written.
+pub fn linear_cross_entropy<T: Elem>(
+    p: &LinearCrossEntropy<'_, T>,
+    grad_output: GradOutput<'_>,
+    grads: Option<LinearGrads<'_, T>>,
+    losses: Option<&mut [T]>,
+) -> Result<f64, CeError> {
+    if p.acc_f64 || T::KIND == ElemKind::F64 {
+        run::<T, f64>(p, grad_output, grads, losses)
+    } else {
+        run::<T, f32>(p, grad_output, grads, losses)
+    }
+}
+
+fn run<T: Elem, G: GemmReal + Default>(
+    p: &LinearCrossEntropy<'_, T>,
+    grad_output: GradOutput<'_>,
+    grads: Option<LinearGrads<'_, T>>,
+    mut losses: Option<&mut [T]>,
+) -> Result<f64, CeError> {
+    p.check_buffers(grads.as_ref())?;
+    let plan = Plan::<G>::new(&p.ce_problem(), grad_output)?;
+    plan.check_losses(losses.as_deref().map(<[T]>::len))?;
+    // Nothing has been written so far; from here on only a refused
+    // allocation (before the first write) can fail.
+    let pool = threads::pool()?;
+    let (n, d, s) = (p.batch, p.in_features, p.spatial);
+    let cs = p.classes * s;
+    let rows = p.chunk_rows.min(n.max(1));
+    pool.install(|| {
+        let converts = T::KIND != G::KIND;
+        let probs = match p.targets {
+            Targets::Probs(t) => Some(t),
+            Targets::Index(_) => None,
+        };
+        let mut weight = Weight::<T, G>::new(p.linear_weight, cs, d, p.max_weight_copy)?;
+        let bias = p
+            .linear_bias
+            .map(|b| widen::<T, G>(b, "linear_bias"))
+            .transpose()?;
+        let mut bufs =
+            ChunkBufs::<G>::reserve(rows, d, cs, converts, probs.is_some(), grads.is_some())?;
+        let mut grads = match grads {
+            Some(g) => Some(Grads::<T, G>::new(g.input, g.linear_weight, g.linear_bias)?),
+            None => None,
+        };
+        let ctx = Ctx {
+            plan: &plan,
+            input: p.input,
+            probs,
+            bias: bias.as_deref(),
+            d,
+            cs,
+            spatial: s,
+            threads: pool.current_num_threads(),
+        };
+        let mut total = 0.0f64;
+        for r0 in (0..n).step_by(rows) {
+            let r1 = (r0 + rows).min(n);
+            let chunk_losses = losses.as_deref_mut().map(|l| &mut l[r0 * s..r1 * s]);
+            total += chunk::run(
+                &ctx,
+                &mut weight,
+                &mut bufs,
+                (r0, r1),
+                chunk_losses,
+                grads.as_mut(),
+            );
+        }
+        if let Some(g) = grads {
+            g.finish();
+        }
+        Ok(plan.reduce(total))
+    })
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::lcg;
+    use crate::{cross_entropy, Logits};
+    use half::bf16;
+
+    struct Data {
+        n: usize,
+        d: usize,
+        c: usize,
+        s: usize,
+        x: Vec<f64>,
+        w: Vec<f64>,
+        b: Vec<f64>,
+        t: Vec<i64>,
+    }
+
+    fn data(n: usize, d: usize, c: usize, s: usize, seed: u64) -> Data {
+        let mut r = seed;
+        let x = (0..n * d).map(|_| lcg(&mut r) * 2.0 - 1.0).collect();
+        let w = (0..c * s * d).map(|_| lcg(&mut r) * 2.0 - 1.0).collect();
+        let b = (0..c * s).map(|_| lcg(&mut r) - 0.5).collect();
+        let t = (0..n * s)
+            .map(|i| {
+                if i % 7 == 3 {
+                    -100
+                } else {
+                    (lcg(&mut r) * c as f64) as i64
+                }
+            })
+            .collect();
+        Data {
+            n,
+            d,
+            c,
+            s,
+            x,
+            w,
+            b,
+            t,
+        }
+    }
+
+    fn problem<'a, T: Elem>(
+        dt: &'a Data,
+        x: &'a [T],
+        w: &'a [T],
+        b: &'a [T],
+        weight: &'a [f64],
+        rows: usize,
+    ) -> LinearCrossEntropy<'a, T> {
+        LinearCrossEntropy {
+            batch: dt.n,
+            in_features: dt.d,
+            classes: dt.c,
+            spatial: dt.s,
+            input: x,
+            linear_weight: w,
+            linear_bias: Some(b),
+            targets: Targets::Index(&dt.t),
+            weight: Some(weight),
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            label_smoothing: 0.1,
+            chunk_rows: rows,
+            acc_f64: false,
+            max_weight_copy: usize::MAX,
+        }
+    }
+
+    /// (loss, dx, dw, db) in f64: logits built naively, then the (separately
+    /// tested) cross-entropy kernel in f64, then naive products.
+    fn reference(dt: &Data, weight: &[f64]) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (n, d, cs) = (dt.n, dt.d, dt.c * dt.s);
+        let mut l = vec![0.0; n * cs];
+        for r in 0..n {
+            for j in 0..cs {
+                let dot: f64 = (0..d).map(|k| dt.x[r * d + k] * dt.w[j * d + k]).sum();
+                l[r * cs + j] = dot + dt.b[j];
+            }
+        }
+        let mut g = vec![0.0; n * cs];
+        let ce = CrossEntropy {
+            batch: n,
+            classes: dt.c,
+            spatial: dt.s,
+            targets: Targets::Index(&dt.t),
+            weight: Some(weight),
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            label_smoothing: 0.1,
+        };
+        let loss =
+            cross_entropy(&ce, Logits::Grad(&l, &mut g), GradOutput::Scalar(1.0), None).unwrap();
+        let mut dx = vec![0.0; n * d];
+        let mut dw = vec![0.0; cs * d];
+        let mut db = vec![0.0; cs];
+        for r in 0..n {
+            for j in 0..cs {
+                let v = g[r * cs + j];
+                db[j] += v;
+                for k in 0..d {
+                    dx[r * d + k] += v * dt.w[j * d + k];
+                    dw[j * d + k] += v * dt.x[r * d + k];
+                }
+            }
+        }
+        (loss, dx, dw, db)
+    }
+
+    fn close(name: &str, got: &[f64], want: &[f64], tol: f64) {
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= tol * scale,
+                "{name}[{i}]: {a} vs {b} (scale {scale})"
+            );
+        }
+    }
+
+    /// `v` rounded to `T`.
+    fn cast<T: Elem>(v: &[f64]) -> Vec<T> {
+        v.iter().map(|&x| T::from_f64(x)).collect()
+    }
+
+    fn wide<T: Elem>(v: &[T]) -> Vec<f64> {
+        v.iter().map(|x| x.to_f64()).collect()
+    }
+
+    /// The data's inputs rounded to `T`, and the data holding exactly those
+    /// values (what the reference should see).
+    fn rounded<T: Elem>(dt: &Data) -> (Data, Vec<T>, Vec<T>, Vec<T>) {
+        let (x, w, b) = (cast::<T>(&dt.x), cast::<T>(&dt.w), cast::<T>(&dt.b));
+        let dr = Data {
+            x: wide(&x),
+            w: wide(&w),
+            b: wide(&b),
+            t: dt.t.clone(),
+            ..*dt
+        };
+        (dr, x, w, b)
+    }
+
+    /// Runs `p` with gradient buffers first filled with `fill`: the result
+    /// and the gradients of input, weight and bias.
+    fn run_grads<T: Elem>(
+        p: &LinearCrossEntropy<'_, T>,
+        fill: T,
+    ) -> (Result<f64, CeError>, Vec<T>, Vec<T>, Vec<T>) {
+        let mut gx = vec![fill; p.input.len()];
+        let mut gw = vec![fill; p.linear_weight.len()];
+        let mut gb = vec![fill; p.linear_bias.map_or(0, <[T]>::len)];
+        let r = linear_cross_entropy(
+            p,
+            GradOutput::Scalar(1.0),
+            Some(LinearGrads {
+                input: &mut gx,
+                linear_weight: &mut gw,
+                linear_bias: p.linear_bias.map(|_| &mut gb[..]),
+            }),
+            None,
+        );
+        (r, gx, gw, gb)
+    }
+
+    fn run_f32(dt: &Data, weight: &[f64], rows: usize) -> (f64, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (_, x, w, b) = rounded::<f32>(dt);
+        let (r, dx, dw, db) = run_grads(&problem(dt, &x, &w, &b, weight, rows), 0.0);
+        (r.unwrap(), dx, dw, db)
+    }
+
+    #[test]
+    fn matches_float64_reference_for_any_chunk_size() {
+        for &(n, d, c, s) in &[(13, 7, 11, 1), (9, 5, 3, 4), (1, 1, 1, 1), (20, 33, 130, 1)] {
+            let (dr, ..) = rounded::<f32>(&data(n, d, c, s, 7 + n as u64));
+            let weight: Vec<f64> = (0..c).map(|j| 0.5 + (j % 3) as f64 * 0.25).collect();
+            let (loss, dx, dw, db) = reference(&dr, &weight);
+            for rows in [1, 2, 5, n] {
+                let (l32, dx32, dw32, db32) = run_f32(&dr, &weight, rows);
+                assert!(
+                    (l32 - loss).abs() <= 1e-5 * loss.abs().max(1.0),
+                    "{l32} vs {loss}"
+                );
+                close("dx", &wide(&dx32), &dx, 1e-5);
+                close("dw", &wide(&dw32), &dw, 1e-5);
+                close("db", &wide(&db32), &db, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn bitwise_identical_for_any_thread_count() {
+        // large enough for the GEMMs to split their work among threads
+        let dt = data(260, 96, 1000, 1, 3);
+        let weight = vec![1.0; 1000];
+        threads::set_num_threads(1).unwrap();
+        let one = run_f32(&dt, &weight, 128);
+        for t in [2, 3] {
+            threads::set_num_threads(t).unwrap();
+            let many = run_f32(&dt, &weight, 128);
+            assert_eq!(one.0.to_bits(), many.0.to_bits());
+            assert!(one.1 == many.1 && one.2 == many.2 && one.3 == many.3);
+        }
+    }
+
+    #[test]
+    fn half_inputs_compute_in_f32() {
+        let weight = vec![1.0; 50];
+        let (dr, x, w, b) = rounded::<bf16>(&data(10, 16, 50, 1, 11));
+        let (loss, dx, dw, _) = reference(&dr, &weight);
+        let (l, gx, gw, _) = run_grads(&problem(&dr, &x, &w, &b, &weight, 3), bf16::ZERO);
+        let l = l.unwrap();
+        assert!((l - loss).abs() < 1e-5 * loss.abs().max(1.0));
+        close("dx", &wide(&gx), &dx, 1e-2);
+        close("dw", &wide(&gw), &dw, 1e-2);
+    }
+
+    #[test]
+    fn weight_converted_block_by_block_matches_the_whole_copy() {
+        // under test a block holds 4096 / (4 * 8) = 128 classes: 5 blocks
+        let (n, d, c) = (9, 8, 4 * 128 + 37);
+        let weight = vec![1.0; c];
+        let (dt, x, w, b) = rounded::<bf16>(&data(n, d, c, 1, 13));
+        let run = |limit: usize| {
+            let p = LinearCrossEntropy {
+                max_weight_copy: limit,
+                ..problem(&dt, &x, &w, &b, &weight, 4)
+            };
+            let (l, gx, gw, gb) = run_grads(&p, bf16::ZERO);
+            (l.unwrap(), gx, gw, gb)
+        };
+        let whole = run(usize::MAX);
+        let blocks = run(0);
+        assert!((whole.0 - blocks.0).abs() <= 1e-6 * whole.0.abs());
+        close("dx", &wide(&blocks.1), &wide(&whole.1), 1e-2);
+        close("dw", &wide(&blocks.2), &wide(&whole.2), 1e-2);
+        assert_eq!(whole.3, blocks.3);
+    }
+
+    #[test]
+    fn errors_come_before_any_write() {
+        let mut dt = data(6, 3, 4, 1, 5);
+        dt.t[5] = 4; // out of range, in the last chunk
+        let (_, x, w, b) = rounded::<f32>(&dt);
+        let weight = vec![1.0; 4];
+        let p = problem(&dt, &x, &w, &b, &weight, 1);
+        let (e, dx, dw, db) = run_grads(&p, 7.0);
+        assert!(matches!(
+            e,
+            Err(CeError::TargetOutOfBounds { position: 5, .. })
+        ));
+        assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 7.0));
+        let bad = LinearCrossEntropy {
+            linear_weight: &w[1..],
+            ..p
+        };
+        assert!(linear_cross_entropy(&bad, GradOutput::Scalar(1.0), None, None).is_err());
+    }
+}
