@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import fusedce
 from conformance import ERRORS, assert_close, cases, ce_args, lce_args, load
+from fusedce.gpu import _linear
 
 REQUIRED = os.environ.get("FUSEDCE_REQUIRE_GPU") == "1"
 
@@ -151,7 +152,7 @@ def test_large_dispatch_and_in_place():
 def test_linear_on_gpu_matches_cpu_with_blocks(monkeypatch):
     """A tiny binding limit forces the weight into several class blocks and
     the rows into several chunks."""
-    from fusedce.gpu import _backend
+    from fusedce.gpu import _context as _backend
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(37, 20)).astype(np.float32)
@@ -170,13 +171,13 @@ def test_linear_on_gpu_matches_cpu_with_blocks(monkeypatch):
 
 @needs_gpu
 def test_matmul_kernel():
-    from fusedce.gpu import _backend
+    from fusedce.gpu import _context as _backend
 
     rng = np.random.default_rng(2)
     for m, k, n in ((1, 1, 1), (65, 17, 130), (64, 64, 64), (3, 200, 5)):
         a = rng.normal(size=(m, k)).astype(np.float32)
         b = rng.normal(size=(k, n)).astype(np.float32)
-        np.testing.assert_allclose(_backend.matmul(a, b), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(_linear.matmul(a, b), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
 
 
 @needs_gpu
@@ -187,19 +188,19 @@ def test_module_keeps_its_weight_on_the_device():
     t = rng.integers(0, 40, 8)
     l1 = m(x, t)
     l2 = m(x, t)
-    assert m._gpu_cache["uploads"] == 1 and l1 == l2
+    assert m._resident.uploads == 1 and l1 == l2
     cpu = fusedce.linear_cross_entropy(x, m.linear_weight, t, linear_bias=m.linear_bias)
     np.testing.assert_allclose(l1, cpu, rtol=1e-5)
     loss, g = m.value_and_grad(x, t)
     m.linear_weight -= 0.5 * g.linear_weight  # in place: noticed, uploaded again
     l3 = m(x, t)
-    assert m._gpu_cache["uploads"] == 2 and l3 < l1
+    assert m._resident.uploads == 2 and l3 < l1
     np.testing.assert_allclose(
         l3, fusedce.linear_cross_entropy(x, m.linear_weight, t, linear_bias=m.linear_bias), rtol=1e-5)
 
 
 def test_gpu_requested_without_adapter_is_a_clear_error(monkeypatch):
-    from fusedce.gpu import _backend
+    from fusedce.gpu import _context as _backend
 
     monkeypatch.setattr(_backend, "_CTX", None)
     monkeypatch.setattr(_backend, "_FAILED", "no WebGPU adapter found: (simulated)")
@@ -226,7 +227,7 @@ HALF_CE = [c for c in CE if c["input"]["dtype"] == "float16" and "error" not in 
 @pytest.mark.parametrize("case", HALF_CE, ids=[c["id"] for c in HALF_CE])
 def test_float16_cases_without_shader_f16(case, monkeypatch):
     """Adapters without shader-f16: float16 is converted to float32 on upload."""
-    from fusedce.gpu import _backend
+    from fusedce.gpu import _context as _backend
 
     ctx = _backend.context()
     monkeypatch.setattr(ctx, "has_f16", False)
@@ -235,7 +236,7 @@ def test_float16_cases_without_shader_f16(case, monkeypatch):
 
 @needs_gpu
 def test_float16_storage_is_used_when_the_adapter_has_it():
-    from fusedce.gpu import _backend
+    from fusedce.gpu import _context as _backend
 
     ctx = _backend.context()
     if not ctx.has_f16:
@@ -295,13 +296,13 @@ def test_linear_gpu_matches_cpu(p):
 def test_weight_checksum_sees_every_byte():
     """The resident-weight fingerprint covers the tail that is not a whole
     8-byte word, and the shape and dtype."""
-    from fusedce.gpu import _backend
+    from fusedce.gpu import _context as _backend
 
     a = np.arange(7, dtype=np.float16)  # 14 bytes: one word and a 6-byte tail
-    base = _backend.checksum(a)
+    base = _linear.checksum(a)
     for i in range(a.size):
         b = a.copy()
         b[i] += 1
-        assert _backend.checksum(b) != base
-    assert _backend.checksum(a.reshape(7, 1)) != base
-    assert _backend.checksum(a.view(np.int16)) != base
+        assert _linear.checksum(b) != base
+    assert _linear.checksum(a.reshape(7, 1)) != base
+    assert _linear.checksum(a.view(np.int16)) != base

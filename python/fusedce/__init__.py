@@ -9,7 +9,8 @@ semantics, over numpy arrays, on a SIMD multithreaded Rust core.
 from __future__ import annotations
 
 from . import _native, gpu
-from .functional import LinearCrossEntropyGrads, cross_entropy, linear_cross_entropy
+from ._request import LinearCrossEntropyGrads
+from .functional import cross_entropy, linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from .options import LinearCrossEntropyOptions
 
@@ -28,11 +29,12 @@ __all__ = [
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` worker threads from now on (default: ``FUSEDCE_NUM_THREADS``,
-    else one per core). Results are bitwise identical for any ``n``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive integer number of threads, got {n!r}")
-    _native.set_num_threads(n)
+    """Use ``n`` worker threads (1 to 1024) from now on (default:
+    ``FUSEDCE_NUM_THREADS``, else one per core). Results are bitwise
+    identical for any ``n``. Raises ValueError naming ``n`` otherwise."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"n: expected an integer number of threads, got {n!r}")
+    _native.set_num_threads(max(-(2**127), min(n, 2**127 - 1)))
 
 
 def get_num_threads() -> int:

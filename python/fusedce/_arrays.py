@@ -1,4 +1,5 @@
-"""Turning what users pass into the buffers the native core reads."""
+"""Turning what users pass into arrays the backends read (the array
+protocol, dtypes, layout), each check with one message naming the argument."""
 
 from __future__ import annotations
 
@@ -8,12 +9,7 @@ import ml_dtypes
 import numpy as np
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-FLOAT_DTYPES = {
-    np.dtype(np.float32): "float32",
-    np.dtype(np.float64): "float64",
-    np.dtype(np.float16): "float16",
-    BFLOAT16: "bfloat16",
-}
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
 
 
 def as_array(arg: str, obj: Any) -> np.ndarray:
@@ -38,21 +34,28 @@ def as_array(arg: str, obj: Any) -> np.ndarray:
         ) from exc
 
 
-def float_kind(arg: str, a: np.ndarray) -> str:
-    """The dtype name of a supported floating array, or TypeError."""
-    kind = FLOAT_DTYPES.get(a.dtype)
-    if kind is None:
+def check_float_dtype(arg: str, a: np.ndarray) -> None:
+    """TypeError unless ``a`` holds float32, float64, float16 or bfloat16."""
+    if a.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{arg}: unsupported dtype {a.dtype}; expected float32, float64, float16 or bfloat16"
         )
-    return kind
 
 
-def native_view(a: np.ndarray) -> np.ndarray:
-    """The view the native module reads: 16-bit floats as their raw bits."""
-    if a.dtype.itemsize == 2:
-        return a.view(np.uint16)
-    return a
+def readable(a: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """``a`` (of ``dtype``) as an aligned C-contiguous array: itself when it
+    already is one, else one copy."""
+    if (dtype is None or a.dtype == dtype) and a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.array(a, dtype=dtype, order="C", copy=True)
+
+
+def check_writable(arg: str, a: np.ndarray) -> None:
+    """ValueError unless the output ``a`` can be written in place."""
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        raise ValueError(f"{arg}: expected an aligned C-contiguous array")
+    if not a.flags.writeable:
+        raise ValueError(f"{arg}: expected a writeable array")
 
 
 def is_floating(a: np.ndarray) -> bool:

@@ -1,52 +1,30 @@
-"""Type stubs of the native module (built from rust/python)."""
+"""Type stubs of the native module (built from rust/python).
+
+Each operation takes a request object built by the Python package
+(``fusedce._request``), read attribute by attribute by the bindings."""
 
 from typing import Optional
 
 import numpy as np
 
-def cross_entropy(
-    input: np.ndarray,
-    dtype: str,
-    batch: int,
-    classes: int,
-    spatial: int,
-    target_index: Optional[np.ndarray],
-    target_probs: Optional[np.ndarray],
-    weight: Optional[np.ndarray],
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    grad_output: Optional[float],
-    grad_output_array: Optional[np.ndarray],
-    grad_mode: str,
-    grad_out: Optional[np.ndarray],
-    losses: Optional[np.ndarray],
-) -> float: ...
+from ._request import CrossEntropyRequest, LinearCrossEntropyRequest, Problem
+
+def cross_entropy(request: CrossEntropyRequest) -> float: ...
+def linear_cross_entropy(request: LinearCrossEntropyRequest) -> float: ...
+
+class TargetPlan:
+    """A validated problem as a backend without the core's kernels needs it."""
+
+    @property
+    def targets(self) -> Optional[np.ndarray]: ...
+    @property
+    def scale(self) -> np.ndarray: ...
+    @property
+    def denom(self) -> float: ...
+    def reduce(self, losses: np.ndarray) -> float: ...
+
+def plan(problem: Problem) -> TargetPlan: ...
+def check_options(reduction: str, label_smoothing: float) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
-def linear_cross_entropy(
-    input: np.ndarray,
-    linear_weight: np.ndarray,
-    linear_bias: Optional[np.ndarray],
-    dtype: str,
-    batch: int,
-    in_features: int,
-    classes: int,
-    spatial: int,
-    target_index: Optional[np.ndarray],
-    target_probs: Optional[np.ndarray],
-    weight: Optional[np.ndarray],
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    grad_output: Optional[float],
-    grad_output_array: Optional[np.ndarray],
-    chunk_rows: int,
-    acc_f64: bool,
-    max_weight_copy: int,
-    grad_input: Optional[np.ndarray],
-    grad_linear_weight: Optional[np.ndarray],
-    grad_linear_bias: Optional[np.ndarray],
-    losses: Optional[np.ndarray],
-) -> float: ...

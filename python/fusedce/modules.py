@@ -6,16 +6,28 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._arrays import float_kind
-from .functional import (
+from . import _native
+from ._arrays import check_float_dtype
+from ._request import (
     LinearCrossEntropyGrads,
-    Reduction,
-    _check_common,
-    _weight_array,
-    cross_entropy,
-    linear_cross_entropy,
+    check_device,
+    float_arg,
+    int_arg,
+    linear_request,
+    reduction_arg,
+    weight_arg,
 )
+from .functional import Reduction, cross_entropy, run_linear
 from .options import LinearCrossEntropyOptions
+
+
+def _loss_options(reduction: Any, label_smoothing: Any) -> Tuple[Reduction, float]:
+    """The options every loss module takes, checked at construction (their
+    values by the core, as on every call)."""
+    red = reduction_arg(reduction)
+    ls = float_arg("label_smoothing", label_smoothing)
+    _native.check_options(red, ls)
+    return red, ls  # type: ignore[return-value]
 
 
 class CrossEntropyLoss:
@@ -35,14 +47,12 @@ class CrossEntropyLoss:
         *,
         device: str = "cpu",
     ) -> None:
-        _check_common(reduction, label_smoothing)
+        self.reduction, self.label_smoothing = _loss_options(reduction, label_smoothing)
         self.weight: Optional[np.ndarray] = (
-            None if weight is None else _weight_array(weight, int(np.shape(weight)[0]) if np.ndim(weight) == 1 else -1)
+            None if weight is None else weight_arg(weight, int(np.shape(weight)[0]) if np.ndim(weight) == 1 else -1)
         )
-        self.ignore_index = int(ignore_index)
-        self.reduction: Reduction = reduction
-        self.label_smoothing = float(label_smoothing)
-        self.device = device
+        self.ignore_index = int_arg("ignore_index", ignore_index)
+        self.device = check_device(device)
 
     def __call__(self, input: Any, target: Any) -> np.ndarray:
         """Loss of ``input`` (``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)``) against ``target``."""
@@ -119,24 +129,20 @@ class LinearCrossEntropyLoss:
         if any(d < 0 for d in out_features):
             raise ValueError(f"out_features: expected non-negative sizes, got {out_features}")
         dt = np.dtype(dtype)
-        float_kind("dtype", np.empty(0, dtype=dt))
-        _check_common(reduction, label_smoothing)
-        if weight is not None and np.shape(weight) != (num_classes,):
-            raise ValueError(f"weight: expected weight shape to be {(num_classes,)}, got {np.shape(weight)}")
+        check_float_dtype("dtype", np.empty(0, dtype=dt))
+        self.reduction, self.label_smoothing = _loss_options(reduction, label_smoothing)
         if options is not None and not isinstance(options, LinearCrossEntropyOptions):
             raise TypeError(f"options: expected LinearCrossEntropyOptions or None, got {type(options).__name__}")
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.out_features = out_features
-        self.reduction: Reduction = reduction
-        self.weight = None if weight is None else _weight_array(weight, num_classes)
-        self.ignore_index = ignore_index
-        self.label_smoothing = float(label_smoothing)
+        self.weight = weight_arg(weight, self.num_classes)
+        self.ignore_index = None if ignore_index is None else int_arg("ignore_index", ignore_index)
         self.options = options
-        self.device = device
-        # device copies of the weight and bias (device="gpu"/"auto"), kept
-        # while their bytes are unchanged (checked by a checksum per call)
-        self._gpu_cache: dict = {}
+        self.device = check_device(device)
+        # the device copy of the weight and bias (device="gpu"/"auto"), made
+        # on first use and kept while their bytes are unchanged
+        self._resident: Optional[Any] = None
         rng = np.random.default_rng(seed)
         bound = 1.0 / np.sqrt(in_features) if in_features > 0 else 0.0
         shape = (self.num_classes, *out_features)
@@ -145,25 +151,28 @@ class LinearCrossEntropyLoss:
             rng.uniform(-bound, bound, size=shape).astype(dt) if bias else None
         )
 
-    def _kwargs(self) -> dict:
-        return dict(
-            linear_bias=self.linear_bias, weight=self.weight, reduction=self.reduction,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            options=self.options, device=self.device, _gpu_cache=self._gpu_cache,
+    def _run(self, input: Any, target: Any, return_grad: bool, grad_output: Any) -> Any:
+        req = linear_request(
+            input, self.linear_weight, target, self.linear_bias, self.weight, self.reduction,
+            self.ignore_index, self.label_smoothing, self.options, return_grad, grad_output, self.device,
         )
+        if req.device == "gpu" and self._resident is None:
+            from .gpu import ResidentWeight
+
+            self._resident = ResidentWeight()
+        loss = run_linear(req, self._resident)
+        return loss if req.grads is None else (loss, req.grads)
 
     def __call__(self, input: Any, target: Any) -> np.ndarray:
         """Loss of ``input`` (``(in_features,)`` or ``(N, in_features)``) against ``target``."""
-        return linear_cross_entropy(input, self.linear_weight, target, **self._kwargs())
+        return self._run(input, target, False, None)
 
     def value_and_grad(
         self, input: Any, target: Any, *, grad_output: Any = None
     ) -> Tuple[np.ndarray, LinearCrossEntropyGrads]:
         """``(loss, LinearCrossEntropyGrads(input, linear_weight, linear_bias))``
         from one fused pass; gradients have the shapes of what they differentiate."""
-        return linear_cross_entropy(
-            input, self.linear_weight, target, return_grad=True, grad_output=grad_output, **self._kwargs()
-        )
+        return self._run(input, target, True, grad_output)
 
     def __repr__(self) -> str:
         return (

@@ -99,7 +99,7 @@ class LinearCrossEntropyOptions:
             name, sep, factor = self.chunking_method.partition(":")
             if not sep:
                 factor = "1"
-            if not (name == "aspect_ratio" and factor.isdigit() and int(factor) > 0):
+            if not (name == "aspect_ratio" and factor.isascii() and factor.isdecimal() and int(factor) > 0):
                 raise ValueError(
                     f"chunking_method: invalid chunking_method: {self.chunking_method!r}; expected "
                     "'auto', 'aspect_ratio', 'aspect_ratio:N' (N >= 1) or None"
@@ -161,13 +161,23 @@ def auto_rows(n: int, row_bytes: int) -> int:
     return max(1, min(n, rows, cap))
 
 
+_MAX_BYTES = 2**62
+
+
 def _env_bytes(name: str, minimum: int) -> Optional[int]:
-    """The integer environment variable ``name`` when set to one >= minimum, else None."""
-    try:
-        v = int(os.environ.get(name, ""))
-    except ValueError:
+    """The byte count in the environment variable ``name`` (None when unset);
+    a value that is not an integer in ``[minimum, 2**62]`` is a ValueError
+    naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
         return None
-    return v if v >= minimum else None
+    try:
+        v = int(raw.strip())
+    except ValueError:
+        v = None
+    if v is None or not minimum <= v <= _MAX_BYTES:
+        raise ValueError(f"{name}: expected a number of bytes between {minimum} and 2**62, got {raw!r}")
+    return v
 
 
 def _env_budget() -> Optional[int]:

@@ -15,6 +15,10 @@ What runs where:
   rounded back to the input's dtype. float64: WGSL has no portable f64 (and
   Vulkan's exp/log have no f64 form), so ``device="gpu"`` computes float64 on
   the CPU and warns.
+- Layout: ``_context`` (adapter, device, buffers, pipelines, uniforms packed
+  by name from each shader's WGSL struct), ``_ce`` and ``_linear`` (one
+  operation each, taking the same request as the CPU backend, with targets,
+  scales and the reduction from the core's target plan), ``shaders/``.
 - Transfers: ``linear_cross_entropy`` uploads the rows, targets and scales
   once, copies chunks on the device, submits once (once per chunk with
   probability targets) and reads losses and gradients back once.
@@ -32,12 +36,13 @@ from __future__ import annotations
 
 from typing import Dict
 
-from ._backend import GpuUnavailable, context
+from ._context import GpuUnavailable, context
+from ._linear import ResidentWeight
 
 AUTO_MIN_ELEMENTS = 1 << 24
 AUTO_MIN_FLOPS = 1 << 34
 
-__all__ = ["is_available", "adapter_info", "GpuUnavailable"]
+__all__ = ["is_available", "adapter_info", "GpuUnavailable", "ResidentWeight"]
 
 
 def is_available() -> bool:

@@ -39,8 +39,8 @@ fn var(name: &str) -> Option<String> {
 }
 
 /// A thread count in `1..=MAX_THREADS` named `arg`.
-pub fn check_threads(arg: &'static str, n: u64) -> Result<usize, CeError> {
-    if n == 0 || n > MAX_THREADS as u64 {
+pub fn check_threads(arg: &'static str, n: i128) -> Result<usize, CeError> {
+    if n < 1 || n > MAX_THREADS as i128 {
         return Err(CeError::invalid(
             arg,
             format!("expected a number of threads between 1 and {MAX_THREADS}, got {n}"),
@@ -50,7 +50,7 @@ pub fn check_threads(arg: &'static str, n: u64) -> Result<usize, CeError> {
 }
 
 fn parse_threads(name: &'static str, v: &str) -> Result<usize, CeError> {
-    match v.trim().parse::<u64>() {
+    match v.trim().parse::<i128>() {
         Ok(n) => check_threads(name, n),
         Err(_) => Err(CeError::invalid(
             name,

@@ -47,7 +47,7 @@ pub fn pool() -> Result<Arc<ThreadPool>, CeError> {
 /// Replaces the pool with one of `n` threads (`1..=MAX_THREADS`, else an
 /// error naming `n`). Calls already running finish on the old pool.
 pub fn set_num_threads(n: u64) -> Result<(), CeError> {
-    let p = build(config::check_threads("n", n)?)?;
+    let p = build(config::check_threads("n", n as i128)?)?;
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
     Ok(())
 }

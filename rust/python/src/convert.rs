@@ -52,15 +52,9 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
-/// `reduction` as the core's enum (its parser owns the message).
-pub(crate) struct Reduction(pub core::Reduction);
-
-impl<'a, 'py> FromPyObject<'a, 'py> for Reduction {
-    type Error = PyErr;
-    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let s: String = obj.extract()?;
-        Ok(Reduction(s.parse().map_err(CoreError)?))
-    }
+/// `reduction` parsed by the core (whose parser owns the message).
+pub(crate) fn reduction(name: &str) -> PyResult<core::Reduction> {
+    Ok(name.parse().map_err(CoreError)?)
 }
 
 /// The upstream gradient: a number, or one per sample (float64).
@@ -147,7 +141,9 @@ pub(crate) fn read<'py, E: numpy::Element>(
     a: &Bound<'py, PyArrayDyn<E>>,
 ) -> PyResult<PyReadonlyArrayDyn<'py, E>> {
     a.try_readonly().map_err(|e| {
-        PyValueError::new_err(format!("{arg}: cannot be read while it is being written ({e}); is it the grad_out of a call running in another thread?"))
+        PyValueError::new_err(format!(
+            "{arg}: cannot be read: it overlaps an array that this or another running call writes ({e})"
+        ))
     })
 }
 
@@ -158,7 +154,7 @@ pub(crate) fn write<'py, E: numpy::Element>(
 ) -> PyResult<PyReadwriteArrayDyn<'py, E>> {
     a.try_readwrite().map_err(|e| {
         PyValueError::new_err(format!(
-            "{arg}: cannot be written: it is read-only or in use by another call ({e})"
+            "{arg}: cannot be written: it is read-only, or overlaps an array that this or another running call uses ({e})"
         ))
     })
 }

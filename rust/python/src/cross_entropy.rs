@@ -1,8 +1,8 @@
 //! `cross_entropy`, and the validated target plan the GPU backend reads.
 
 use crate::convert::{
-    borrow_io, by_dtype, check_disjoint, io_slices, read, slice, slice_mut, span, write_as, Dtype,
-    GradOutput, GradOutputArray, Reduction, Storage, TargetArray,
+    borrow_io, by_dtype, check_disjoint, io_slices, read, reduction, slice, slice_mut, span,
+    write_as, Dtype, GradOutput, GradOutputArray, Storage, TargetArray,
 };
 use crate::error::CoreError;
 use fusedce_core::simd::Compute;
@@ -21,7 +21,7 @@ pub(crate) struct Problem<'py> {
     target: Bound<'py, PyAny>,
     weight: Option<Bound<'py, PyArrayDyn<f64>>>,
     ignore_index: i64,
-    reduction: Reduction,
+    reduction: String,
     label_smoothing: f64,
     grad_output: GradOutput<'py>,
 }
@@ -58,7 +58,7 @@ impl<'py, T: Storage> ProblemArrays<'py, T> {
                 .map(|w| slice("weight", w))
                 .transpose()?,
             ignore_index: p.ignore_index,
-            reduction: p.reduction.0,
+            reduction: reduction(&p.reduction)?,
             label_smoothing: p.label_smoothing,
         };
         Ok((problem, self.grad_output.get()?))
@@ -193,6 +193,6 @@ fn plan_typed<T: Storage>(py: Python<'_>, p: &Problem<'_>) -> PyResult<TargetPla
         targets,
         scale,
         denom: plan.denom(),
-        reduction: p.reduction.0,
+        reduction: reduction(&p.reduction)?,
     })
 }

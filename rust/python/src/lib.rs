@@ -19,9 +19,10 @@ use pyo3::prelude::*;
 /// Sets the number of worker threads (`1..=1024`) used by every later call;
 /// the pool starts with the GIL released.
 #[pyfunction]
-fn set_num_threads(py: Python<'_>, n: u64) -> PyResult<()> {
+fn set_num_threads(py: Python<'_>, n: i128) -> PyResult<()> {
+    let n = core::config::check_threads("n", n).map_err(CoreError)?;
     Ok(py
-        .detach(|| core::threads::set_num_threads(n))
+        .detach(|| core::threads::set_num_threads(n as u64))
         .map_err(CoreError)?)
 }
 
@@ -29,6 +30,14 @@ fn set_num_threads(py: Python<'_>, n: u64) -> PyResult<()> {
 #[pyfunction]
 fn get_num_threads(py: Python<'_>) -> PyResult<usize> {
     Ok(py.detach(core::threads::num_threads).map_err(CoreError)?)
+}
+
+/// Checks the loss options a module is built with, as every call checks
+/// them: the reduction's name and `label_smoothing`'s range.
+#[pyfunction]
+fn check_options(reduction: &str, label_smoothing: f64) -> PyResult<()> {
+    convert::reduction(reduction)?;
+    Ok(core::ce::check_label_smoothing(label_smoothing).map_err(CoreError)?)
 }
 
 /// The SIMD instruction set the kernels run on ("avx512", "avx2+fma", "scalar").
@@ -43,6 +52,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cross_entropy::plan, m)?)?;
     m.add_class::<cross_entropy::TargetPlan>()?;
     m.add_function(wrap_pyfunction!(linear::linear_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(check_options, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

@@ -4,9 +4,14 @@
 // Pass 1: the row's maximum m (a workgroup max-reduction). Pass 2: s = sum
 // exp(x - m), b = sum tw and a = sum tw * (x - m), where tw is the class's
 // target weight (class weight times the smoothed one-hot or probability
-// target); loss = b * log(s) - a. Pass 3 writes the gradient
-// scale * (softmax * b - tw) over the logits. One exp per element in each
-// pass that needs one; the row is re-read from memory (or cache) each pass.
+// target); loss = b * log(s) - a. As in the CPU kernels, for a class target
+// the sums hold only the smoothing part (none without smoothing) and the
+// target's own term is added once after the reduction, so a -inf logit on
+// another class (a masked vocabulary entry) contributes nothing. Pass 3
+// writes the gradient scale * (softmax * b - tw) over the logits (an
+// ignored sample: scale 0, so only a NaN in its row shows, as in PyTorch).
+// One exp per element in each pass that needs one; the row is re-read from
+// memory (or cache) each pass.
 //
 // The host substitutes STORAGE: `f32`, or `f16` (with `enable f16;` first,
 // on adapters with shader-f16) for half-precision logits and probabilities,
@@ -39,14 +44,20 @@ var<workgroup> red_s: array<f32, 256>;
 var<workgroup> red_a: array<f32, 256>;
 var<workgroup> red_b: array<f32, 256>;
 
-fn target_weight(c: u32, y: i32, base: u32) -> f32 {
+// The target weight of class c without the one-hot part of a class target.
+fn spread_weight(c: u32, base: u32) -> f32 {
     let C = f32(P.classes);
     if (P.probs == 1u) {
         let t = f32(prob[base + c * P.spatial]);
         return cw[c] * (t * (1.0 - P.eps) + P.eps / C);
     }
-    var tw = cw[c] * P.eps / C;
-    if (i32(c) == y) { tw = tw + cw[c] * (1.0 - P.eps); }
+    if (P.eps > 0.0) { return cw[c] * P.eps / C; }
+    return 0.0;
+}
+
+fn target_weight(c: u32, y: i32, base: u32) -> f32 {
+    var tw = spread_weight(c, base);
+    if (P.probs == 0u && i32(c) == y) { tw = tw + cw[c] * (1.0 - P.eps); }
     return tw;
 }
 
@@ -62,10 +73,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     // pass 1: maximum
     var mloc = -3.4e38;
-    if (!ignored) {
-        for (var c = lid; c < P.classes; c = c + WG) {
-            mloc = max(mloc, f32(x[base + c * P.spatial]));
-        }
+    for (var c = lid; c < P.classes; c = c + WG) {
+        mloc = max(mloc, f32(x[base + c * P.spatial]));
     }
     // two-level reductions (16 x 16): 3 barriers rather than log2(256) + 1,
     // which matters where barriers are expensive (CPU-emulated adapters)
@@ -84,11 +93,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var s = 0.0;
     var a = 0.0;
     var b = 0.0;
-    if (!ignored) {
-        for (var c = lid; c < P.classes; c = c + WG) {
-            let v = f32(x[base + c * P.spatial]) - m;
-            let tw = target_weight(c, y, base);
-            s = s + exp(v);
+    let spread = P.probs == 1u || P.eps > 0.0;
+    for (var c = lid; c < P.classes; c = c + WG) {
+        let v = f32(x[base + c * P.spatial]) - m;
+        s = s + exp(v);
+        if (spread) {
+            let tw = spread_weight(c, base);
             a = a + tw * v;
             b = b + tw;
         }
@@ -119,23 +129,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         sa = sa + red_a[j * 16u];
         sb = sb + red_b[j * 16u];
     }
+    if (P.probs == 0u && !ignored) {
+        // the target's own term, read before pass 3 overwrites the logits
+        let keep = cw[u32(y)] * (1.0 - P.eps);
+        sa = sa + keep * (f32(x[base + u32(y) * P.spatial]) - m);
+        sb = sb + keep;
+    }
+    if (ignored) { sb = 0.0; }
     let inv_s = 1.0 / ssum;
     let logs = log(ssum);
+    workgroupBarrier();
     if (lid == 0u) {
         loss[sid] = select(sb * logs - sa, 0.0, ignored);
     }
     if (P.want_grad == 1u) {
-        let g = scale[sid];
+        let g = select(scale[sid], 0.0, ignored);
         for (var c = lid; c < P.classes; c = c + WG) {
             let i = base + c * P.spatial;
-            if (ignored) {
-                x[i] = S(0.0);
-            } else {
-                // exp(x - m) / s, not exp(x - (m + log s)): m + log s
-                // would round at the scale of m (1e4 logits lose 1e-4).
-                let p = exp(f32(x[i]) - m) * inv_s;
-                x[i] = S(g * (p * sb - target_weight(c, y, base)));
-            }
+            // exp(x - m) / s, not exp(x - (m + log s)): m + log s
+            // would round at the scale of m (1e4 logits lose 1e-4).
+            let p = exp(f32(x[i]) - m) * inv_s;
+            x[i] = S(g * (p * sb - target_weight(c, y, base)));
         }
     }
 }

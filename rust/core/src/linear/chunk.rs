@@ -139,7 +139,7 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
     let x = widen_into(&ctx.input[r0 * d..r1 * d], x);
     let l = &mut logits[..nr * cs];
     forward_logits(ctx, weight, x, l, nr);
-    let probs = ctx.probs.map(|t| &*widen_into(&t[r0 * cs..r1 * cs], probs));
+    let probs = ctx.probs.map(|t| widen_into(&t[r0 * cs..r1 * cs], probs));
     let io = if grads.is_some() {
         Io::InPlace(&mut *l)
     } else {

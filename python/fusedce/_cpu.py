@@ -1,0 +1,20 @@
+"""The CPU backend: the Rust core (``fusedce._native``) runs a request."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _native
+from ._request import CrossEntropyRequest, LinearCrossEntropyRequest
+
+
+def cross_entropy(req: CrossEntropyRequest) -> np.ndarray:
+    """The loss of ``req`` (its gradient, if asked for, is written to ``req.grad``)."""
+    value = _native.cross_entropy(req)
+    return req.loss if req.loss is not None else np.asarray(value, dtype=req.input.dtype)
+
+
+def linear_cross_entropy(req: LinearCrossEntropyRequest) -> np.ndarray:
+    """The loss of ``req`` (its gradients, if asked for, go to ``req.grads``)."""
+    value = _native.linear_cross_entropy(req)
+    return req.loss if req.loss is not None else np.asarray(value, dtype=req.input.dtype)

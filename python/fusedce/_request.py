@@ -1,0 +1,362 @@
+"""Requests: what one call asks for, checked once and frozen.
+
+The public functions turn their arguments into one request; the CPU backend
+(``_cpu``, the Rust core) and the GPU backend (``gpu``) take the same
+request. Checks are split by owner, each in one place with one message:
+structure (types, shapes, dtypes, the array protocol, where outputs go) is
+checked here; values (the reduction's name, ``label_smoothing``'s range,
+class indices, ``ignore_index`` with probabilities) are the core's, for both
+backends (the GPU backend asks the core for its target plan first).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+
+from ._arrays import as_array, check_float_dtype, check_writable, is_floating, readable, shape_str
+from .options import LinearCrossEntropyOptions, weight_copy_limit
+
+_INT64 = np.iinfo(np.int64)
+DEVICES = ("cpu", "gpu", "auto")
+
+
+class Problem(NamedTuple):
+    """The loss problem: shapes, targets and every option of the loss."""
+
+    batch: int
+    classes: int
+    #: product of ``d1..dK`` (1 without them)
+    spatial: int
+    #: int64 class indices, or probabilities in the input's dtype (C-contiguous)
+    target: np.ndarray
+    #: float64 ``(C,)``, or None
+    weight: Optional[np.ndarray]
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    #: a number, or float64 of the loss's shape (``reduction='none'``)
+    grad_output: Union[float, np.ndarray]
+    loss_shape: Tuple[int, ...]
+
+    @property
+    def samples(self) -> int:
+        return self.batch * self.spatial
+
+    @property
+    def probs(self) -> Optional[np.ndarray]:
+        return None if self.target.dtype == np.int64 else self.target
+
+
+class CrossEntropyRequest(NamedTuple):
+    problem: Problem
+    #: the logits, aligned and C-contiguous
+    input: np.ndarray
+    #: None (loss only), ``input`` itself (in place) or a buffer of its shape
+    grad: Optional[np.ndarray]
+    #: the per-sample losses, for ``reduction='none'``
+    loss: Optional[np.ndarray]
+    #: "cpu" or "gpu"
+    device: str
+
+
+class LinearCrossEntropyGrads(NamedTuple):
+    """Gradients of :func:`fusedce.linear_cross_entropy`'s loss, each of the
+    shape and dtype of what it differentiates (``linear_bias`` is None
+    without a bias)."""
+
+    input: np.ndarray
+    linear_weight: np.ndarray
+    linear_bias: Optional[np.ndarray]
+
+
+class LinearCrossEntropyRequest(NamedTuple):
+    problem: Problem
+    #: ``(N, in_features)``, aligned and C-contiguous
+    input: np.ndarray
+    #: ``(C, d1..dK, in_features)``, aligned and C-contiguous
+    linear_weight: np.ndarray
+    linear_bias: Optional[np.ndarray]
+    in_features: int
+    chunk_rows: int
+    acc_f64: bool
+    max_weight_copy: int
+    grads: Optional[LinearCrossEntropyGrads]
+    loss: Optional[np.ndarray]
+    device: str
+
+
+# ---- arguments --------------------------------------------------------------------------
+
+def check_device(device: Any) -> str:
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ValueError(f"device: expected 'cpu', 'gpu' or 'auto', got {device!r}")
+    return device
+
+
+def int_arg(arg: str, v: Any) -> int:
+    """An integer argument in int64's range (TypeError for other types)."""
+    if not isinstance(v, numbers.Integral):
+        raise TypeError(f"{arg}: expected an integer, got {type(v).__name__} {v!r}")
+    i = int(v)
+    if not _INT64.min <= i <= _INT64.max:
+        raise ValueError(f"{arg}: expected an integer in [-2**63, 2**63), got {i}")
+    return i
+
+
+def float_arg(arg: str, v: Any) -> float:
+    """A real-number argument (TypeError for strings, arrays, ...)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{arg}: expected a float, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def reduction_arg(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"reduction: expected 'none', 'mean' or 'sum', got {type(v).__name__} {v!r}")
+    return v
+
+
+def weight_arg(weight: Any, classes: int) -> Optional[np.ndarray]:
+    if weight is None:
+        return None
+    w = as_array("weight", weight)
+    if not is_floating(w) and not np.issubdtype(w.dtype, np.integer):
+        raise TypeError(f"weight: expected a floating array, got dtype {w.dtype}")
+    if w.shape != (classes,):
+        raise ValueError(
+            f"weight: expected shape ({classes},), one weight per class, got {shape_str(w.shape)}"
+        )
+    return readable(w, np.float64)
+
+
+def _target(target: Any, logits_shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Class indices (int64) or probabilities (``dtype``), told apart by
+    PyTorch's rule: a floating target of the logits' shape holds probabilities."""
+    t = as_array("target", target)
+    unbatched = len(logits_shape) == 1
+    index_shape = () if unbatched else (logits_shape[0],) + tuple(logits_shape[2:])
+    if t.shape == tuple(logits_shape) and is_floating(t):
+        return readable(t, dtype)
+    if is_floating(t):
+        raise ValueError(
+            f"target: expected class indices of shape {shape_str(index_shape)} (an integer array) "
+            f"or class probabilities of the input's shape {shape_str(logits_shape)}, "
+            f"got a {t.dtype} array of shape {shape_str(t.shape)}"
+        )
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(
+            f"target: expected an integer array of class indices or a floating array of "
+            f"probabilities, got dtype {t.dtype}"
+        )
+    if t.shape != index_shape:
+        if not unbatched and t.ndim >= 1 and t.shape[0] != logits_shape[0]:
+            raise ValueError(
+                f"target: Expected input batch_size ({logits_shape[0]}) to match target batch_size "
+                f"({t.shape[0]}); expected shape {shape_str(index_shape)}, got {shape_str(t.shape)}"
+            )
+        raise ValueError(
+            f"target: expected class indices of shape {shape_str(index_shape)} for input of shape "
+            f"{shape_str(logits_shape)}, got {shape_str(t.shape)}"
+        )
+    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64.max:
+        raise IndexError(f"target: Target {int(t.max())} is out of bounds.")
+    return readable(t, np.int64)
+
+
+def _grad_output(grad_output: Any, reduction: str, loss_shape: tuple) -> Union[float, np.ndarray]:
+    if grad_output is None:
+        return 1.0
+    g = as_array("grad_output", grad_output)
+    if not (is_floating(g) or np.issubdtype(g.dtype, np.integer)):
+        raise TypeError(f"grad_output: expected a floating array, got dtype {g.dtype}")
+    if reduction != "none" or g.ndim == 0:
+        if g.ndim != 0:
+            raise ValueError(
+                f"grad_output: expected a scalar (the loss is 0-d for reduction={reduction!r}), "
+                f"got shape {shape_str(g.shape)}"
+            )
+        return float(g)
+    if g.shape != loss_shape:
+        raise ValueError(
+            f"grad_output: expected the loss's shape {shape_str(loss_shape)}, got {shape_str(g.shape)}"
+        )
+    return readable(g, np.float64)
+
+
+def problem(batch: int, classes: int, spatial: int, logits_shape: tuple, dtype: np.dtype, target: Any,
+            weight: Any, ignore_index: Any, reduction: Any, label_smoothing: Any, grad_output: Any,
+            loss_shape: tuple) -> Problem:
+    reduction = reduction_arg(reduction)
+    return Problem(
+        batch, classes, spatial, _target(target, logits_shape, dtype), weight_arg(weight, classes),
+        int_arg("ignore_index", ignore_index), reduction, float_arg("label_smoothing", label_smoothing),
+        _grad_output(grad_output, reduction, loss_shape), loss_shape,
+    )
+
+
+def resolve_device(device: str, dtype: np.dtype, work: float, threshold: float) -> str:
+    """"cpu" or "gpu" for this call; float64 never runs on the GPU (WGSL has no f64)."""
+    if device == "cpu":
+        return "cpu"
+    from . import gpu
+
+    try:
+        chosen = gpu.use_gpu(device, work, threshold)
+    except gpu.GpuUnavailable as exc:
+        raise RuntimeError(f"device: 'gpu' was asked for, but {exc}") from None
+    if chosen and dtype == np.float64:
+        if device == "gpu":
+            warnings.warn(
+                "device='gpu': WGSL has no float64, so this float64 call is computed on the CPU",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return "cpu"
+    return "gpu" if chosen else "cpu"
+
+
+# ---- cross_entropy ------------------------------------------------------------------------
+
+def _grad_buffer(grad_out: Any, original: Any, x: np.ndarray) -> np.ndarray:
+    """Where the gradient goes: a new buffer, ``x`` itself (in place) or ``grad_out``."""
+    if grad_out is None:
+        return np.empty(x.shape, dtype=x.dtype)
+    if not isinstance(grad_out, np.ndarray):
+        raise TypeError(f"grad_out: expected a numpy array, got {type(grad_out).__name__}")
+    if grad_out is original:
+        if x is not original:
+            raise ValueError(
+                "grad_out: in-place gradient (grad_out=input) needs the input to be an aligned "
+                "C-contiguous numpy array of a supported dtype; this input had to be converted"
+            )
+        check_writable("grad_out", x)
+        return x
+    if grad_out.shape != x.shape or grad_out.dtype != x.dtype:
+        raise ValueError(
+            f"grad_out: expected an array of shape {shape_str(x.shape)} and dtype {x.dtype}, "
+            f"got shape {shape_str(grad_out.shape)} and dtype {grad_out.dtype}"
+        )
+    check_writable("grad_out", grad_out)
+    return grad_out
+
+
+def cross_entropy_request(input: Any, target: Any, weight: Any, ignore_index: Any, reduction: Any,
+                          label_smoothing: Any, return_grad: bool, grad_output: Any, grad_out: Any,
+                          device: Any) -> CrossEntropyRequest:
+    from . import gpu
+
+    device = check_device(device)
+    if grad_out is not None and not return_grad:
+        raise ValueError("grad_out: given without return_grad=True")
+    x = as_array("input", input)
+    check_float_dtype("input", x)
+    if x.ndim == 0:
+        raise ValueError("input: expected shape (C,), (N, C) or (N, C, d1, ..., dK), got a 0-d array")
+    x = readable(x)
+    if x.ndim == 1:
+        batch, classes, spatial, loss_shape = 1, x.shape[0], 1, ()
+    else:
+        batch, classes, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        loss_shape = (batch,) + x.shape[2:]
+    prob = problem(batch, classes, spatial, x.shape, x.dtype, target, weight, ignore_index, reduction,
+                   label_smoothing, grad_output, loss_shape)
+    grad = _grad_buffer(grad_out, input, x) if return_grad else None
+    loss = np.empty(loss_shape, dtype=x.dtype) if prob.reduction == "none" else None
+    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS)
+    return CrossEntropyRequest(prob, x, grad, loss, dev)
+
+
+# ---- linear_cross_entropy -------------------------------------------------------------------
+
+def _same_dtype(arg: str, a: np.ndarray, dtype: np.dtype) -> None:
+    if a.dtype != dtype:
+        raise TypeError(
+            f"{arg}: expected dtype {dtype} (the input's), got {a.dtype}; convert it once "
+            f"yourself (fusedce does not silently copy a weight-sized array)"
+        )
+
+
+def _linear_shapes(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray]) -> Tuple[int, tuple]:
+    """Checks the shapes as PyTorch does (its messages); returns the batch
+    size and the logits' shape."""
+    if x.ndim < 1 or x.ndim > 2:
+        raise ValueError(f"input: expected input with dimensionality 1 or 2, got {x.ndim}")
+    if w.ndim < 2:
+        raise ValueError(f"linear_weight: expected linear_weight with dimensionality at least 2, got {w.ndim}")
+    in_features = x.shape[-1]
+    if in_features != w.shape[-1]:
+        raise ValueError(
+            "linear_weight: expected equal input and linear_weight last dimensions (in_features), "
+            f"got {in_features} and {w.shape[-1]}, respectively"
+        )
+    classes, out_features = w.shape[0], tuple(w.shape[1:-1])
+    if b is not None and b.shape != (classes, *out_features):
+        raise ValueError(
+            f"linear_bias: expected linear_bias shape {(classes, *out_features)}, got {tuple(b.shape)}"
+        )
+    if out_features and x.ndim == 1:
+        raise ValueError(
+            f"input: K-dimensional loss defined by linear_weight shape {tuple(w.shape)} requires"
+            f" batched input, (N, {in_features}), got unbatched input with shape {tuple(x.shape)}"
+        )
+    if x.ndim == 1:
+        return 1, (classes,)
+    return x.shape[0], (x.shape[0], classes) + out_features
+
+
+def _options(options: Any) -> LinearCrossEntropyOptions:
+    if options is None:
+        return _DEFAULT_OPTIONS
+    if not isinstance(options, LinearCrossEntropyOptions):
+        raise TypeError(
+            f"options: expected a fusedce.LinearCrossEntropyOptions or None, got {type(options).__name__}"
+        )
+    return options
+
+
+def linear_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any, weight: Any,
+                   reduction: Any, ignore_index: Any, label_smoothing: Any, options: Any,
+                   return_grad: bool, grad_output: Any, device: Any) -> LinearCrossEntropyRequest:
+    from . import gpu
+
+    device = check_device(device)
+    options = _options(options)
+    x = as_array("input", input)
+    check_float_dtype("input", x)
+    w = as_array("linear_weight", linear_weight)
+    _same_dtype("linear_weight", w, x.dtype)
+    b = None if linear_bias is None else as_array("linear_bias", linear_bias)
+    if b is not None:
+        _same_dtype("linear_bias", b, x.dtype)
+    batch, logits_shape = _linear_shapes(x, w, b)
+    classes, d = w.shape[0], x.shape[-1]
+    spatial = math.prod(w.shape[1:-1])
+    t = as_array("target", target)
+    if t.shape == logits_shape and ignore_index is not None:
+        raise ValueError("ignore_index: ignore_index cannot be specified when target contains probabilities")
+    loss_shape = () if x.ndim == 1 else (batch,) + tuple(w.shape[1:-1])
+    prob = problem(batch, classes, spatial, logits_shape, x.dtype, t, weight,
+                   -100 if ignore_index is None else ignore_index, reduction, label_smoothing,
+                   grad_output, loss_shape)
+    g_dtype = options.compute_dtype(x.dtype)
+    rows = options.chunk_rows(batch, d, classes, classes * spatial * g_dtype.itemsize)
+    grads = None
+    if return_grad:
+        grads = LinearCrossEntropyGrads(
+            np.empty(x.shape, x.dtype), np.empty(w.shape, x.dtype), None if b is None else np.empty(b.shape, x.dtype)
+        )
+    flops = 2.0 * batch * d * classes * spatial * (3 if return_grad else 1)
+    return LinearCrossEntropyRequest(
+        prob, readable(x).reshape(batch, d), readable(w), None if b is None else readable(b), d, rows,
+        bool(g_dtype == np.float64 and x.dtype != np.float64), weight_copy_limit(), grads,
+        np.empty(loss_shape, x.dtype) if prob.reduction == "none" else None,
+        resolve_device(device, x.dtype, flops, gpu.AUTO_MIN_FLOPS),
+    )
+
+
+_DEFAULT_OPTIONS = LinearCrossEntropyOptions()
