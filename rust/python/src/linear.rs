@@ -9,6 +9,13 @@ use fusedce_core as core;
 use numpy::PyReadwriteArrayDyn;
 use pyo3::prelude::*;
 
+/// `(grad_input, grad_linear_weight, grad_linear_bias)`: where the gradients go.
+type GradBuffers<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+);
+
 /// `fusedce._request.LinearCrossEntropyRequest`.
 #[derive(FromPyObject)]
 pub(crate) struct LinearRequest<'py> {
@@ -23,11 +30,7 @@ pub(crate) struct LinearRequest<'py> {
     acc_f64: bool,
     max_weight_copy: usize,
     /// `(grad_input, grad_linear_weight, grad_linear_bias)` buffers, or None.
-    grads: Option<(
-        Bound<'py, PyAny>,
-        Bound<'py, PyAny>,
-        Option<Bound<'py, PyAny>>,
-    )>,
+    grads: Option<GradBuffers<'py>>,
     loss: Option<Bound<'py, PyAny>>,
 }
 
