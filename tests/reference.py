@@ -44,7 +44,7 @@ def cross_entropy_ref(
         ys = np.where(keep, y, 0)
         onehot = np.eye(c)[ys]
         tw = (1 - eps) * onehot * w[ys][..., None] + eps / c * w
-        tw = tw * keep[..., None]
+        tw = np.where(keep[..., None], tw, 0.0)  # an ignored sample has no target (NaN weights too)
         denom = float((w[ys] * keep).sum())
     with np.errstate(invalid="ignore"):
         per = -(tw * np.where(tw == 0, 0.0, logp)).sum(axis=-1) if not probs else -(tw * logp).sum(axis=-1)

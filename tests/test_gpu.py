@@ -306,3 +306,45 @@ def test_weight_checksum_sees_every_byte():
         assert _linear.checksum(b) != base
     assert _linear.checksum(a.reshape(7, 1)) != base
     assert _linear.checksum(a.view(np.int16)) != base
+
+
+@needs_gpu
+def test_masked_vocabulary_entries_and_empty_shapes_match_the_cpu():
+    """-inf logits (and a -inf bias) on non-target classes give the CPU's
+    finite loss; empty spatial axes, in_features=0 and out_features=(0,)
+    give the CPU's results instead of Python errors."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 7)).astype(np.float32)
+    x[:, 3] = -np.inf
+    t = np.array([0, 1, 2, 6])
+    for kw in (dict(), dict(label_smoothing=0.2), dict(reduction="none")):
+        lc, gc = fusedce.cross_entropy(x, t, return_grad=True, **kw)
+        lg, gg = fusedce.cross_entropy(x, t, return_grad=True, device="gpu", **kw)
+        np.testing.assert_allclose(lg, lc, rtol=1e-5)
+        np.testing.assert_allclose(gg, gc, rtol=1e-5, atol=1e-7)
+    h = rng.normal(size=(4, 5)).astype(np.float32)
+    w = rng.normal(size=(7, 5)).astype(np.float32)
+    b = np.zeros(7, np.float32)
+    b[3] = -np.inf
+    lc = fusedce.linear_cross_entropy(h, w, t, linear_bias=b)
+    assert np.isfinite(lc)
+    np.testing.assert_allclose(fusedce.linear_cross_entropy(h, w, t, linear_bias=b, device="gpu"), lc, rtol=1e-5)
+    for args in (
+        (np.zeros((2, 3, 0), np.float32), np.zeros((2, 0), np.int64)),
+    ):
+        for red in ("mean", "sum", "none"):
+            want = fusedce.cross_entropy(*args, reduction=red, return_grad=True)
+            got = fusedce.cross_entropy(*args, reduction=red, return_grad=True, device="gpu")
+            np.testing.assert_array_equal(got[0], want[0])
+            assert got[1].shape == want[1].shape
+    for xs, ws, ts in (
+        (np.zeros((3, 0), np.float32), np.zeros((4, 0), np.float32), np.array([0, 1, 3])),
+        (np.ones((2, 3), np.float32), np.ones((4, 0, 3), np.float32), np.zeros((2, 0), np.int64)),
+    ):
+        want = fusedce.linear_cross_entropy(xs, ws, ts, return_grad=True)
+        got = fusedce.linear_cross_entropy(xs, ws, ts, return_grad=True, device="gpu")
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        for a, e in zip(got[1], want[1]):
+            assert (a is None) == (e is None)
+            if e is not None:
+                np.testing.assert_allclose(a, e, rtol=1e-6)
