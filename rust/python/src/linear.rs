@@ -8,6 +8,7 @@ use crate::error::CoreError;
 use fusedce_core as core;
 use numpy::PyReadwriteArrayDyn;
 use pyo3::prelude::*;
+use std::ops::Range;
 
 /// `(grad_input, grad_linear_weight, grad_linear_bias)`: where the gradients go.
 type GradBuffers<'py> = (
@@ -119,25 +120,34 @@ fn run<T: Storage>(py: Python<'_>, r: &LinearRequest<'_>) -> PyResult<f64> {
         .map(|l| slice_mut("loss", l).map(T::view_mut))
         .transpose()?;
 
-    let mut inputs = arrays.spans()?;
+    check_linear_disjoint(arrays.spans()?, &problem, grads.as_ref(), losses.as_deref())?;
+    Ok(py
+        .detach(move || core::linear_cross_entropy(&problem, go, grads, losses))
+        .map_err(CoreError)?)
+}
+
+/// No output of a linear call overlaps an input or another output.
+fn check_linear_disjoint<T: Storage>(
+    mut inputs: Vec<(&'static str, Range<usize>)>,
+    problem: &core::LinearCrossEntropy<'_, T>,
+    grads: Option<&core::LinearGrads<'_, T>>,
+    losses: Option<&[T]>,
+) -> PyResult<()> {
     inputs.push(("input", span(problem.input)));
     inputs.push(("linear_weight", span(problem.linear_weight)));
     if let Some(b) = problem.linear_bias {
         inputs.push(("linear_bias", span(b)));
     }
     let mut outputs = Vec::new();
-    if let Some(g) = &grads {
+    if let Some(g) = grads {
         outputs.push(("grad_input", span(g.input)));
         outputs.push(("grad_linear_weight", span(g.linear_weight)));
         if let Some(b) = &g.linear_bias {
             outputs.push(("grad_linear_bias", span(b)));
         }
     }
-    if let Some(l) = &losses {
+    if let Some(l) = losses {
         outputs.push(("loss", span(l)));
     }
-    check_disjoint(&outputs, &inputs)?;
-    Ok(py
-        .detach(move || core::linear_cross_entropy(&problem, go, grads, losses))
-        .map_err(CoreError)?)
+    check_disjoint(&outputs, &inputs)
 }

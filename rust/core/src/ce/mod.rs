@@ -53,18 +53,14 @@ mod tests {
     use crate::test_util::lcg;
 
     /// Float64 reference: per-sample losses and the gradient for a unit
-    /// upstream gradient per sample (before the reduction's scaling).
-    #[allow(clippy::too_many_arguments)]
-    fn reference(
-        x: &[f64],
-        n: usize,
-        c: usize,
-        sp: usize,
-        t: &[i64],
-        w: Option<&[f64]>,
-        ignore: i64,
-        eps: f64,
-    ) -> (Vec<f64>, Vec<f64>) {
+    /// upstream gradient per sample (before the reduction's scaling), of
+    /// the logits `x` laid out as `p` says.
+    fn reference(x: &[f64], p: &CrossEntropy<'_, f32>) -> (Vec<f64>, Vec<f64>) {
+        let Targets::Index(t) = p.targets else {
+            unreachable!("index targets")
+        };
+        let (n, c, sp) = (p.batch, p.classes, p.spatial);
+        let (w, ignore, eps) = (p.weight, p.ignore_index, p.label_smoothing);
         let mut loss = vec![0.0; n * sp];
         let mut grad = vec![0.0; n * c * sp];
         for i in 0..n {
@@ -109,7 +105,6 @@ mod tests {
             })
             .collect();
         let w: Option<Vec<f64>> = weighted.then(|| (0..c).map(|_| lcg(&mut sd) * 2.0).collect());
-        let (want_loss, want_grad) = reference(&x64, n, c, sp, &t, w.as_deref(), -100, eps);
         let p = CrossEntropy {
             batch: n,
             classes: c,
@@ -120,6 +115,7 @@ mod tests {
             reduction: Reduction::None,
             label_smoothing: eps,
         };
+        let (want_loss, want_grad) = reference(&x64, &p);
         let mut loss = vec![0.0f32; n * sp];
         let mut grad = vec![0.0f32; n * c * sp];
         cross_entropy(
