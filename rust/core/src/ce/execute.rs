@@ -48,6 +48,27 @@ where
     }
 }
 
+/// Logits a call must have for its work to be handed to the thread pool;
+/// smaller calls are one work item, run on the calling thread (the same
+/// bits: an item's result does not depend on the thread that runs it).
+pub(crate) fn is_small(logits: usize) -> bool {
+    logits <= ITEM_ELEMS
+}
+
+/// `f(scratch, item)` for every item, in parallel (each thread reusing one
+/// scratch from `init`) when there is more than one; results in item order.
+fn map_items<I: Send, S, R: Send>(
+    items: Vec<I>,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, I) -> R + Sync + Send,
+) -> Vec<R> {
+    if items.len() <= 1 {
+        let mut s = init();
+        return items.into_iter().map(|i| f(&mut s, i)).collect();
+    }
+    items.into_par_iter().map_init(init, f).collect()
+}
+
 /// A scratch buffer of `len` values when it is small enough and the
 /// allocation succeeds; else `None` (the kernels then compute again what
 /// they would have kept: same bits, bounded memory).
@@ -125,25 +146,22 @@ where
         None => Vec::new(),
     };
     loss_chunks.resize_with(ios.len(), || None);
-    let partials: Vec<f64> = ios
-        .into_par_iter()
-        .zip(loss_chunks)
-        .enumerate()
-        .map_init(
-            || scratch::<T::Acc>(want_grad, c),
-            |sc, (j, (io, losses))| {
-                let r0 = j * rows_per;
-                T::Acc::dispatch(RowTask {
-                    plan,
-                    i0: sample0 + r0,
-                    probs: probs.map(|t| &t[r0 * c..(r0 * c + io.len())]),
-                    io,
-                    losses,
-                    scratch: sc.as_deref_mut(),
-                })
-            },
-        )
-        .collect();
+    let items: Vec<_> = ios.into_iter().zip(loss_chunks).enumerate().collect();
+    let partials: Vec<f64> = map_items(
+        items,
+        || scratch::<T::Acc>(want_grad, c),
+        |sc, (j, (io, losses))| {
+            let r0 = j * rows_per;
+            T::Acc::dispatch(RowTask {
+                plan,
+                i0: sample0 + r0,
+                probs: probs.map(|t| &t[r0 * c..(r0 * c + io.len())]),
+                io,
+                losses,
+                scratch: sc.as_deref_mut(),
+            })
+        },
+    );
     partials.iter().sum()
 }
 
@@ -240,33 +258,31 @@ where
                 .map(move |s0| (n, s0, (s0 + SPATIAL_PIECE).min(sp)))
         })
         .collect();
-    let partials: Vec<f64> = items
-        .into_par_iter()
-        .map_init(
-            || scratch::<T::Acc>(want_grad, c.saturating_mul(16)),
-            |sc, (n, s0, s1)| {
-                let img = Image {
-                    io: match &io {
-                        Io::Forward(x) => Io::Forward(*x),
-                        Io::Grad(x, g) => Io::Grad(*x, *g),
-                        Io::InPlace(x) => Io::InPlace(*x),
-                    },
-                    probs,
-                    base: n * c * sp,
-                    spatial: sp,
-                };
-                T::Acc::dispatch(ColumnTask {
-                    plan,
-                    img,
-                    i0: sample0 + n * sp,
-                    s0,
-                    s1,
-                    losses,
-                    loss0: n * sp,
-                    scratch: sc.as_deref_mut(),
-                })
-            },
-        )
-        .collect();
+    let partials: Vec<f64> = map_items(
+        items,
+        || scratch::<T::Acc>(want_grad, c.saturating_mul(16)),
+        |sc, (n, s0, s1)| {
+            let img = Image {
+                io: match &io {
+                    Io::Forward(x) => Io::Forward(*x),
+                    Io::Grad(x, g) => Io::Grad(*x, *g),
+                    Io::InPlace(x) => Io::InPlace(*x),
+                },
+                probs,
+                base: n * c * sp,
+                spatial: sp,
+            };
+            T::Acc::dispatch(ColumnTask {
+                plan,
+                img,
+                i0: sample0 + n * sp,
+                s0,
+                s1,
+                losses,
+                loss0: n * sp,
+                scratch: sc.as_deref_mut(),
+            })
+        },
+    );
     partials.iter().sum()
 }

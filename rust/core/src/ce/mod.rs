@@ -44,7 +44,12 @@ where
         Targets::Index(_) => None,
     };
     let pool = threads::pool()?;
-    let total = pool.install(|| execute(&plan, 0, logits, probs, Outputs { losses }));
+    let out = Outputs { losses };
+    let total = if execute::is_small(numel) {
+        execute(&plan, 0, logits, probs, out)
+    } else {
+        pool.install(|| execute(&plan, 0, logits, probs, out))
+    };
     Ok(plan.reduce(total))
 }
 #[cfg(test)]

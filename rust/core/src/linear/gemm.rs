@@ -143,7 +143,11 @@ pub(crate) fn matmul<G: GemmReal>(
             false,
             false,
             false,
-            Parallelism::Rayon(threads),
+            if threads > 1 {
+                Parallelism::Rayon(threads)
+            } else {
+                Parallelism::None
+            },
         )
     }
 }

@@ -169,7 +169,11 @@ fn run<T: Elem, G: GemmReal + Default>(
     let (n, d, s) = (p.batch, p.in_features, p.spatial);
     let cs = p.classes * s;
     let rows = p.chunk_rows.min(n.max(1));
-    pool.install(|| {
+    // Small calls run on the calling thread (handing them to the pool costs
+    // more than they do); the GEMMs give the same bits on any thread count.
+    let small = crate::ce::execute::is_small(n.saturating_mul(cs).saturating_mul(d.max(1)));
+    let threads = if small { 1 } else { pool.current_num_threads() };
+    let work = || {
         let converts = T::KIND != G::KIND;
         let probs = match p.targets {
             Targets::Probs(t) => Some(t),
@@ -194,7 +198,7 @@ fn run<T: Elem, G: GemmReal + Default>(
             d,
             cs,
             spatial: s,
-            threads: pool.current_num_threads(),
+            threads,
         };
         let mut total = 0.0f64;
         for r0 in (0..n).step_by(rows) {
@@ -213,7 +217,12 @@ fn run<T: Elem, G: GemmReal + Default>(
             g.finish();
         }
         Ok(plan.reduce(total))
-    })
+    };
+    if small {
+        work()
+    } else {
+        pool.install(work)
+    }
 }
 #[cfg(test)]
 mod tests {
