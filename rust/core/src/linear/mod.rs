@@ -39,6 +39,9 @@ use chunk::{ChunkBufs, Ctx, Grads};
 use gemm::GemmReal;
 use weight::{widen, Weight};
 
+/// Multiply-adds of the logits below which a call runs on the calling thread.
+const SMALL_MACS: usize = 1 << 22;
+
 /// A linear-then-cross-entropy problem. Arrays are C-contiguous.
 #[derive(Clone, Copy)]
 pub struct LinearCrossEntropy<'a, T> {
@@ -171,7 +174,7 @@ fn run<T: Elem, G: GemmReal + Default>(
     let rows = p.chunk_rows.min(n.max(1));
     // Small calls run on the calling thread (handing them to the pool costs
     // more than they do); the GEMMs give the same bits on any thread count.
-    let small = crate::ce::execute::is_small(n.saturating_mul(cs).saturating_mul(d.max(1)));
+    let small = n.saturating_mul(cs).saturating_mul(d.max(1)) <= SMALL_MACS;
     let threads = if small { 1 } else { pool.current_num_threads() };
     let work = || {
         let converts = T::KIND != G::KIND;
