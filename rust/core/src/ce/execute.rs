@@ -263,11 +263,7 @@ where
         || scratch::<T::Acc>(want_grad, c.saturating_mul(16)),
         |sc, (n, s0, s1)| {
             let img = Image {
-                io: match &io {
-                    Io::Forward(x) => Io::Forward(*x),
-                    Io::Grad(x, g) => Io::Grad(*x, *g),
-                    Io::InPlace(x) => Io::InPlace(*x),
-                },
+                io,
                 probs,
                 base: n * c * sp,
                 spatial: sp,
