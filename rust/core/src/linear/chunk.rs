@@ -4,6 +4,7 @@
 //! which by then hold their gradient.
 
 use super::gemm::{matmul, GemmReal, MatMut, MatRef};
+use super::rowwise;
 use super::weight::{convert, widen_into, zeros, Weight};
 use crate::ce::execute::{execute, Outputs};
 use crate::ce::{Io, Plan};
@@ -152,7 +153,8 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
     part
 }
 
-/// `l = x · Wᵀ (+ b)` for the `nr` rows of `x`.
+/// `l = x · Wᵀ (+ b)` for the `nr` rows of `x`, each row by itself
+/// (`rowwise.rs`: the same bits whatever the other rows).
 fn forward_logits<T: Elem, G: GemmReal + Default>(
     ctx: &Ctx<'_, '_, T, G>,
     weight: &mut Weight<'_, T, G>,
@@ -161,14 +163,10 @@ fn forward_logits<T: Elem, G: GemmReal + Default>(
     nr: usize,
 ) {
     let (d, cs) = (ctx.d, ctx.cs);
-    if let (Some(b), true) = (ctx.bias, cs > 0) {
-        l.par_chunks_mut(cs).for_each(|row| row.copy_from_slice(b));
-    }
-    let x = MatRef::rows(x, nr, d, d);
     weight.blocks(|j0, j1, w| {
-        let dst = MatMut::rows(&mut *l, nr, cs, cs).cols(j0, j1);
-        let w = MatRef::rows(w, j1 - j0, d, d);
-        matmul(dst, ctx.bias.is_some(), x, w.t(), ctx.threads);
+        let bias = ctx.bias.map(|b| &b[j0..j1]);
+        let at = j0.min(l.len());
+        rowwise::logits(x, nr, d, w, j1 - j0, bias, &mut l[at..], cs, ctx.threads);
     });
 }
 
@@ -188,18 +186,12 @@ fn backward<T: Elem, G: GemmReal + Default>(
     let x_m = MatRef::rows(x, nr, d, d);
     let direct = same_type_mut::<T, G>(&mut grads.dx[r0 * d..r1 * d]).is_some();
     weight.blocks(|j0, j1, w| {
-        let w = MatRef::rows(w, j1 - j0, d, d);
         let dx: &mut [G] = match same_type_mut::<T, G>(&mut grads.dx[r0 * d..r1 * d]) {
             Some(out) => out,
             None => &mut dx_buf[..nr * d],
         };
-        matmul(
-            MatMut::rows(dx, nr, d, d),
-            j0 > 0,
-            dl_m.cols(j0, j1),
-            w,
-            ctx.threads,
-        );
+        let dl_block = &dl[j0.min(dl.len())..];
+        rowwise::input_grad(dl_block, cs, nr, w, j1 - j0, dx, d, j0 > 0, ctx.threads);
         let dw = &mut grads.dw()[j0 * d..j1 * d];
         matmul(
             MatMut::rows(dw, j1 - j0, d, d),

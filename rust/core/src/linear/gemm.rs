@@ -1,7 +1,8 @@
-//! Matrix views and the one GEMM call every product of the linear driver
-//! goes through (the `gemm` crate: runtime-dispatched AVX-512 / AVX2+FMA /
-//! scalar micro-kernels, split over threads without splitting any dot
-//! product, so a fixed problem gives the same bits for any thread count).
+//! Matrix views and the GEMM call of the weight gradient `dW += dLᵀ · X`
+//! (the `gemm` crate: runtime-dispatched AVX-512 / AVX2+FMA / scalar
+//! micro-kernels, split over threads without splitting any dot product, so
+//! a fixed problem gives the same bits for any thread count). The per-row
+//! products are in `rowwise.rs`.
 
 use crate::elem::{Elem, Real};
 use crate::simd::Compute;
@@ -78,16 +79,6 @@ impl<'a, G> MatMut<'a, G> {
             rows,
             cols,
             rs,
-        }
-    }
-
-    /// Columns `j0..j1`.
-    pub fn cols(self, j0: usize, j1: usize) -> Self {
-        let at = j0.min(self.data.len());
-        MatMut {
-            data: &mut self.data[at..],
-            cols: j1 - j0,
-            ..self
         }
     }
 }

@@ -28,6 +28,7 @@
 
 mod chunk;
 mod gemm;
+mod rowwise;
 mod weight;
 
 use crate::ce::plan::check_len;
@@ -430,6 +431,62 @@ mod tests {
             let many = run_f32(&dt, &weight, 128);
             assert_eq!(one.0.to_bits(), many.0.to_bits());
             assert!(one.1 == many.1 && one.2 == many.2 && one.3 == many.3);
+        }
+    }
+
+    /// Per-sample losses and the input gradient of `rows` of `dt` (a
+    /// sub-batch), with chunks of `chunk` rows.
+    fn per_row(dt: &Data, rows: &[usize], chunk: usize, bias: bool) -> (Vec<f32>, Vec<f32>) {
+        let d = dt.d;
+        let sub = Data {
+            n: rows.len(),
+            x: rows
+                .iter()
+                .flat_map(|&r| dt.x[r * d..(r + 1) * d].to_vec())
+                .collect(),
+            t: rows.iter().map(|&r| dt.t[r]).collect(),
+            w: dt.w.clone(),
+            b: dt.b.clone(),
+            ..*dt
+        };
+        let (_, x, w, b) = rounded::<f32>(&sub);
+        let weight = vec![1.0; dt.c];
+        let p = LinearCrossEntropy {
+            reduction: Reduction::None,
+            linear_bias: bias.then_some(&b[..]),
+            ..problem(&sub, &x, &w, &b, &weight, chunk)
+        };
+        let mut losses = vec![0.0f32; rows.len()];
+        let mut gx = vec![0.0f32; x.len()];
+        let mut gw = vec![0.0f32; w.len()];
+        let mut gb = vec![0.0f32; b.len()];
+        let grads = LinearGrads {
+            input: &mut gx,
+            linear_weight: &mut gw,
+            linear_bias: bias.then_some(&mut gb[..]),
+        };
+        linear_cross_entropy(&p, GradOutput::Scalar(1.0), Some(grads), Some(&mut losses)).unwrap();
+        (losses, gx)
+    }
+
+    #[test]
+    fn a_rows_results_do_not_depend_on_the_batch_around_it() {
+        // d = 259: a SIMD body and a tail; c = 1000 spans class blocks; large
+        // enough to run on the pool
+        let dt = data(40, 259, 1000, 1, 21);
+        let d = dt.d;
+        let all: Vec<usize> = (0..dt.n).collect();
+        for bias in [false, true] {
+            let (alone_l, alone_g) = per_row(&dt, &[17], 1, bias);
+            for (rows, chunk) in [(&all[..], 1), (&all, 7), (&all, 512), (&all[10..30], 3)] {
+                let at = rows.iter().position(|&r| r == 17).unwrap();
+                for threads in [1, 2] {
+                    threads::set_num_threads(threads).unwrap();
+                    let (l, g) = per_row(&dt, rows, chunk, bias);
+                    assert_eq!(l[at].to_bits(), alone_l[0].to_bits(), "loss, chunk {chunk}");
+                    assert_eq!(&g[at * d..(at + 1) * d], &alone_g[..], "dx, chunk {chunk}");
+                }
+            }
         }
     }
 
