@@ -124,7 +124,12 @@ pub trait Real:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INFINITY: Self;
+    /// The lowest finite value.
+    const LOWEST: Self;
     fn ln(self) -> Self;
+    fn tanh(self) -> Self;
+    fn cosh(self) -> Self;
+    fn is_nan(self) -> bool;
     fn max_nan(self, other: Self) -> Self;
     /// The compute type a storage type `T` accumulates in.
     fn from_elem<T: Elem>(x: T) -> Self;
@@ -135,9 +140,22 @@ impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    const LOWEST: Self = f32::MIN;
     #[inline(always)]
     fn ln(self) -> Self {
         f32::ln(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f32::tanh(self)
+    }
+    #[inline(always)]
+    fn cosh(self) -> Self {
+        f32::cosh(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
     }
     #[inline(always)]
     fn max_nan(self, other: Self) -> Self {
@@ -163,9 +181,22 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    const LOWEST: Self = f64::MIN;
     #[inline(always)]
     fn ln(self) -> Self {
         f64::ln(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    #[inline(always)]
+    fn cosh(self) -> Self {
+        f64::cosh(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
     }
     #[inline(always)]
     fn max_nan(self, other: Self) -> Self {

@@ -12,12 +12,14 @@ pub mod error;
 mod kernels;
 pub mod linear;
 pub mod simd;
+pub mod stats;
 pub mod threads;
 
 pub use ce::{cross_entropy, CrossEntropy, GradOutput, Io, Logits, Plan, Reduction, Targets};
 pub use elem::{Elem, ElemKind, Real};
 pub use error::CeError;
 pub use linear::{linear_cross_entropy, LinearCrossEntropy, LinearGrads};
+pub use stats::{token_stats, StatsGrad, StatsOut, TokenStats, Upstream, Wanted};
 
 #[cfg(test)]
 mod test_util {

@@ -57,7 +57,7 @@ pub(crate) fn is_small(logits: usize) -> bool {
 
 /// `f(scratch, item)` for every item, in parallel (each thread reusing one
 /// scratch from `init`) when there is more than one; results in item order.
-fn map_items<I: Send, S, R: Send>(
+pub(crate) fn map_items<I: Send, S, R: Send>(
     items: Vec<I>,
     init: impl Fn() -> S + Sync + Send,
     f: impl Fn(&mut S, I) -> R + Sync + Send,

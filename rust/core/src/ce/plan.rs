@@ -250,27 +250,7 @@ fn encode_targets<T: Elem>(
     let c = p.classes;
     match p.targets {
         Targets::Index(t) => {
-            check_len("target", t.len(), samples, "N * d1..dK class indices")?;
-            let mut enc = Vec::new();
-            enc.try_reserve_exact(samples)
-                .map_err(|_| CeError::Resource(format!("could not allocate {samples} targets")))?;
-            let mut total = 0.0f64;
-            for (i, &y) in t.iter().enumerate() {
-                if y == p.ignore_index {
-                    enc.push(IGNORED);
-                    continue;
-                }
-                if y < 0 || y as u64 >= c as u64 || y as u64 >= IGNORED as u64 {
-                    return Err(CeError::TargetOutOfBounds {
-                        position: i,
-                        value: y,
-                        classes: c,
-                        ignore_index: p.ignore_index,
-                    });
-                }
-                enc.push(y as u32);
-                total += p.weight.map_or(1.0, |w| w[y as usize]);
-            }
+            let (enc, total) = encode_class_targets(t, samples, c, p.ignore_index, p.weight)?;
             Ok((PlanTargets::Index(enc), total))
         }
         Targets::Probs(t) => {
@@ -292,6 +272,40 @@ fn encode_targets<T: Elem>(
             Ok((PlanTargets::Probs, samples as f64))
         }
     }
+}
+
+/// Checks class-index targets (`samples` of them, each in `[0, classes)`
+/// or `ignore_index`) and encodes them as `u32` ([`IGNORED`] where
+/// ignored); returns them with the sum of the kept targets' weights.
+pub(crate) fn encode_class_targets(
+    t: &[i64],
+    samples: usize,
+    classes: usize,
+    ignore_index: i64,
+    weight: Option<&[f64]>,
+) -> Result<(Vec<u32>, f64), CeError> {
+    check_len("target", t.len(), samples, "N * d1..dK class indices")?;
+    let mut enc = Vec::new();
+    enc.try_reserve_exact(samples)
+        .map_err(|_| CeError::Resource(format!("could not allocate {samples} targets")))?;
+    let mut total = 0.0f64;
+    for (i, &y) in t.iter().enumerate() {
+        if y == ignore_index {
+            enc.push(IGNORED);
+            continue;
+        }
+        if y < 0 || y as u64 >= classes as u64 || y as u64 >= IGNORED as u64 {
+            return Err(CeError::TargetOutOfBounds {
+                position: i,
+                value: y,
+                classes,
+                ignore_index,
+            });
+        }
+        enc.push(y as u32);
+        total += weight.map_or(1.0, |w| w[y as usize]);
+    }
+    Ok((enc, total))
 }
 
 fn scale_of(

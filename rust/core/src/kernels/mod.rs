@@ -23,6 +23,8 @@
 
 pub(crate) mod columns;
 pub(crate) mod rows;
+pub(crate) mod stats;
+pub(crate) mod transform;
 
 use crate::elem::Real;
 
@@ -149,5 +151,38 @@ pub(crate) fn sample_scale<F: Real>(t: SampleTarget<F>, scale: F) -> F {
     match t {
         SampleTarget::Ignored => F::ZERO,
         _ => scale,
+    }
+}
+
+/// Reads the logits and writes their gradient position by position: from a
+/// separate buffer, or over the logits themselves (each position is read
+/// before it is written).
+pub(crate) trait GradAccess<T> {
+    fn x(&self, i: usize) -> &[T];
+    fn g(&mut self, i: usize) -> &mut [T];
+}
+
+pub(crate) struct Separate<'r, T>(pub &'r [T], pub &'r mut [T]);
+pub(crate) struct Same<'r, T>(pub &'r mut [T]);
+
+impl<T> GradAccess<T> for Separate<'_, T> {
+    #[inline(always)]
+    fn x(&self, i: usize) -> &[T] {
+        &self.0[i..]
+    }
+    #[inline(always)]
+    fn g(&mut self, i: usize) -> &mut [T] {
+        &mut self.1[i..]
+    }
+}
+
+impl<T> GradAccess<T> for Same<'_, T> {
+    #[inline(always)]
+    fn x(&self, i: usize) -> &[T] {
+        &self.0[i..]
+    }
+    #[inline(always)]
+    fn g(&mut self, i: usize) -> &mut [T] {
+        &mut self.0[i..]
     }
 }

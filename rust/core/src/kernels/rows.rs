@@ -1,6 +1,8 @@
 //! Samples whose classes are contiguous in memory: `(N, C)` and `(C,)` inputs.
 
-use super::{finish, sample_scale, target_grad, Consts, SampleTarget, Sums};
+use super::{
+    finish, sample_scale, target_grad, Consts, GradAccess, Same, SampleTarget, Separate, Sums,
+};
 use crate::ce::io::{Io, Logits};
 use crate::elem::{Elem, Real};
 use crate::simd::Lanes;
@@ -15,7 +17,7 @@ pub(crate) struct RowIn<'r, T, F> {
 }
 
 #[inline(always)]
-fn max_of<L: Lanes, T: Elem>(l: L, x: &[T], lo: usize, hi: usize) -> L::F {
+pub(crate) fn max_of<L: Lanes, T: Elem>(l: L, x: &[T], lo: usize, hi: usize) -> L::F {
     let n = L::N;
     let neg = l.splat(L::F::NEG_INFINITY);
     let mut acc = [neg; 4];
@@ -120,39 +122,6 @@ fn exp_pass<L: Lanes, T: Elem>(
     }
 }
 
-/// Reads the logits and writes their gradient position by position: from a
-/// separate buffer, or over the logits themselves (each position is read
-/// before it is written).
-trait GradAccess<T> {
-    fn x(&self, i: usize) -> &[T];
-    fn g(&mut self, i: usize) -> &mut [T];
-}
-
-struct Separate<'r, T>(&'r [T], &'r mut [T]);
-struct Same<'r, T>(&'r mut [T]);
-
-impl<T> GradAccess<T> for Separate<'_, T> {
-    #[inline(always)]
-    fn x(&self, i: usize) -> &[T] {
-        &self.0[i..]
-    }
-    #[inline(always)]
-    fn g(&mut self, i: usize) -> &mut [T] {
-        &mut self.1[i..]
-    }
-}
-
-impl<T> GradAccess<T> for Same<'_, T> {
-    #[inline(always)]
-    fn x(&self, i: usize) -> &[T] {
-        &self.0[i..]
-    }
-    #[inline(always)]
-    fn g(&mut self, i: usize) -> &mut [T] {
-        &mut self.0[i..]
-    }
-}
-
 /// The row's constants in the gradient pass.
 #[derive(Clone, Copy)]
 struct GradConsts<F> {
@@ -196,7 +165,7 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
 /// (a vector of `L` when `i` lies in the body, the tail's lane otherwise),
 /// so that it has the same bits as there.
 #[inline(always)]
-fn exp_at<L: Lanes, T: Elem>(l: L, x: &[T], body: usize, i: usize, m: L::F) -> L::F {
+pub(crate) fn exp_at<L: Lanes, T: Elem>(l: L, x: &[T], body: usize, i: usize, m: L::F) -> L::F {
     if i >= body {
         let tl = l.tail();
         return tl.hsum(tl.exp(tl.sub(tl.load(&x[i..]), tl.splat(m))));

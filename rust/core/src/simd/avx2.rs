@@ -126,6 +126,10 @@ impl Lanes for Avx2 {
         }
     }
     #[inline(always)]
+    fn count_gt(self, a: __m256, b: __m256) -> u32 {
+        unsafe { (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) as u32).count_ones() }
+    }
+    #[inline(always)]
     fn load<T: Elem>(self, src: &[T]) -> __m256 {
         assert!(src.len() >= 8);
         let p = src.as_ptr();

@@ -136,6 +136,10 @@ impl Lanes for Avx512 {
         }
     }
     #[inline(always)]
+    fn count_gt(self, a: __m512, b: __m512) -> u32 {
+        unsafe { u32::from(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b)).count_ones() }
+    }
+    #[inline(always)]
     fn load<T: Elem>(self, src: &[T]) -> __m512 {
         assert!(src.len() >= 16);
         let p = src.as_ptr();

@@ -47,6 +47,9 @@ pub trait Lanes: Copy + Send + Sync {
     fn hsum(self, v: Self::V) -> Self::F;
     /// Maximum of the lanes.
     fn hmax(self, v: Self::V) -> Self::F;
+    /// How many lanes of `a` are greater than those of `b` (an ordered
+    /// comparison: false where either is NaN).
+    fn count_gt(self, a: Self::V, b: Self::V) -> u32;
     /// Loads the first `N` elements of `src` (which must hold at least `N`),
     /// converting them to the compute type.
     fn load<T: Elem>(self, src: &[T]) -> Self::V;

@@ -63,6 +63,10 @@ macro_rules! scalar_lanes {
                 v
             }
             #[inline(always)]
+            fn count_gt(self, a: $f, b: $f) -> u32 {
+                u32::from(a > b)
+            }
+            #[inline(always)]
             fn load<T: Elem>(self, src: &[T]) -> $f {
                 <$f as crate::elem::Real>::from_elem(src[0])
             }

@@ -1,0 +1,271 @@
+//! Execution of a [`StatsPlan`]: work items of consecutive samples, fixed
+//! by the shape; each sample is computed from its own logits alone.
+//!
+//! A sample whose classes are contiguous and whose scores are the logits
+//! themselves (`(N, C)`, no softcap, temperature 1) is read in place; any
+//! other is gathered into a row of scores in the compute type
+//! (`kernels/transform.rs`) and its gradient scattered back.
+
+use super::{StatsOut, StatsPlan};
+use crate::ce::execute::map_items;
+use crate::ce::{Io, Logits};
+use crate::elem::{Elem, Real};
+use crate::error::CeError;
+use crate::kernels::columns::Shared;
+use crate::kernels::stats::{self, logprob_of, RowStats, Scratch};
+use crate::kernels::transform::{gather, scatter, Strided};
+use crate::kernels::{Same, Separate};
+use crate::simd::{Compute, Lanes, Task};
+use std::sync::Mutex;
+
+/// Logits per work item.
+const ITEM_ELEMS: usize = 1 << 16;
+
+/// One thread's buffers: the kernel's scratch, and the gathered scores and
+/// their gradient.
+pub(crate) struct ThreadBufs<F> {
+    kernel: Scratch<F>,
+    z: Vec<F>,
+    dz: Vec<F>,
+}
+
+fn reserve<V>(v: &mut Vec<V>, len: usize) -> Result<(), CeError> {
+    v.try_reserve_exact(len).map_err(|_| {
+        CeError::Resource(format!(
+            "could not allocate {} bytes of per-thread scratch",
+            len.saturating_mul(std::mem::size_of::<V>())
+        ))
+    })
+}
+
+impl<F: Real> ThreadBufs<F> {
+    fn new(plan: &StatsPlan<'_, F>, gathered: bool, grad: bool) -> Result<Self, CeError> {
+        let c = plan.classes;
+        let mut b = ThreadBufs {
+            kernel: Scratch::new(),
+            z: Vec::new(),
+            dz: Vec::new(),
+        };
+        b.kernel.reserve(c, plan.top_k, plan.want.argmax)?;
+        if gathered {
+            reserve(&mut b.z, c)?;
+            b.z.resize(c, F::ZERO);
+            if grad {
+                reserve(&mut b.dz, c)?;
+                b.dz.resize(c, F::ZERO);
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// Per-thread buffers for a call on `threads` threads, reserved before
+/// anything is written (an allocation the machine refuses is an error).
+pub(crate) fn thread_bufs<F: Real>(
+    plan: &StatsPlan<'_, F>,
+    gathered: bool,
+    grad: bool,
+    threads: usize,
+) -> Result<Vec<Mutex<ThreadBufs<F>>>, CeError> {
+    (0..threads.max(1))
+        .map(|_| ThreadBufs::new(plan, gathered, grad).map(Mutex::new))
+        .collect()
+}
+
+/// Whether the samples must be gathered (strided classes, or a score map).
+pub(crate) fn gathers<F: Real>(plan: &StatsPlan<'_, F>) -> bool {
+    plan.spatial != 1 || !plan.transform.is_identity()
+}
+
+/// The outputs as shared pointers: items write disjoint samples.
+#[derive(Clone, Copy)]
+struct Outs<O> {
+    lse: Option<Shared<O>>,
+    logprob: Option<Shared<O>>,
+    entropy: Option<Shared<O>>,
+    argmax: Option<Shared<i64>>,
+    rank: Option<Shared<i64>>,
+    topk_ids: Option<Shared<i64>>,
+    topk_logprobs: Option<Shared<O>>,
+}
+
+impl<O: Elem> Outs<O> {
+    fn new(o: StatsOut<'_, O>) -> Self {
+        Outs {
+            lse: o.lse.map(Shared::new),
+            logprob: o.logprob.map(Shared::new),
+            entropy: o.entropy.map(Shared::new),
+            argmax: o.argmax.map(Shared::new),
+            rank: o.rank.map(Shared::new),
+            topk_ids: o.topk_ids.map(Shared::new),
+            topk_logprobs: o.topk_logprobs.map(Shared::new),
+        }
+    }
+
+    /// Writes sample `j`'s results.
+    fn write<F: Real>(&self, j: usize, st: &RowStats<F>, top: &[(F, u32)]) {
+        fn put<V: Copy>(s: &Option<Shared<V>>, at: usize, v: V) {
+            if let Some(s) = s {
+                // SAFETY: sample `j` belongs to the calling item alone.
+                let dst = unsafe { s.get_mut(at, 1) };
+                dst[0] = v;
+            }
+        }
+        put(&self.lse, j, st.lse.to_elem());
+        put(&self.logprob, j, st.logprob.to_elem());
+        put(&self.entropy, j, st.entropy.to_elem());
+        put(&self.argmax, j, st.argmax as i64);
+        put(&self.rank, j, st.rank);
+        let k = top.len();
+        for (q, &(z, id)) in top.iter().enumerate() {
+            put(&self.topk_ids, j * k + q, i64::from(id));
+            put(&self.topk_logprobs, j * k + q, logprob_of(st, z).to_elem());
+        }
+    }
+}
+
+/// Runs the samples `sample0..` of `plan` whose logits are `io` (whole
+/// images), writing their statistics to `out` (whose positions start at
+/// the first of these samples) and their gradient where `io` says.
+/// `bufs` holds one set of buffers per pool thread (see [`thread_bufs`]).
+pub(crate) fn execute<T: Elem, O: Elem>(
+    plan: &StatsPlan<'_, T::Acc>,
+    sample0: usize,
+    io: Logits<'_, T>,
+    out: StatsOut<'_, O>,
+    bufs: &[Mutex<ThreadBufs<T::Acc>>],
+) where
+    T::Acc: Compute,
+{
+    let c = plan.classes;
+    let n = io.len() / c;
+    if n == 0 {
+        return;
+    }
+    let io = match io {
+        Io::Forward(x) => Io::Forward(Shared::from_ref(x)),
+        Io::Grad(x, g) => Io::Grad(Shared::from_ref(x), Shared::new(g)),
+        Io::InPlace(x) => Io::InPlace(Shared::new(x)),
+    };
+    let outs = Outs::new(out);
+    let per = (ITEM_ELEMS / c).max(1);
+    let items: Vec<usize> = (0..n).step_by(per).collect();
+    map_items(
+        items,
+        || (),
+        |_, j0| {
+            let slot = rayon::current_thread_index().unwrap_or(0) % bufs.len();
+            let mut b = bufs[slot].lock().unwrap_or_else(|e| e.into_inner());
+            T::Acc::dispatch(StatsTask {
+                plan,
+                sample0,
+                io,
+                outs,
+                samples: (j0, (j0 + per).min(n)),
+                bufs: &mut b,
+            })
+        },
+    );
+}
+
+struct StatsTask<'a, 'p, T, O, F> {
+    plan: &'p StatsPlan<'p, F>,
+    sample0: usize,
+    io: Io<Shared<T>, Shared<T>>,
+    outs: Outs<O>,
+    /// Local sample range of this item.
+    samples: (usize, usize),
+    bufs: &'a mut ThreadBufs<F>,
+}
+
+impl<T: Elem, O: Elem> Task<T::Acc> for StatsTask<'_, '_, T, O, T::Acc> {
+    type Output = ();
+    #[inline(always)]
+    fn run<L: Lanes<F = T::Acc>>(mut self, l: L) {
+        let (c, sp) = (self.plan.classes, self.plan.spatial);
+        let outs = self.outs;
+        let gathered = gathers(self.plan);
+        for j in self.samples.0..self.samples.1 {
+            let at = Strided {
+                base: (j / sp) * c * sp + j % sp,
+                stride: sp,
+            };
+            let i = self.sample0 + j;
+            let (y, up) = (self.plan.target(i), self.plan.upstream(i));
+            let (st, top) = if gathered {
+                self.gathered(l, at, y, up)
+            } else {
+                self.direct(l, at.base, y, up)
+            };
+            outs.write(j, &st, top);
+        }
+    }
+}
+
+impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
+    /// A contiguous sample read in place.
+    #[inline(always)]
+    fn direct<L: Lanes<F = F>>(
+        &mut self,
+        l: L,
+        base: usize,
+        y: Option<usize>,
+        up: (F, F),
+    ) -> (RowStats<F>, &[(F, u32)]) {
+        let c = self.plan.classes;
+        let x = match self.io {
+            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
+        };
+        // SAFETY: the sample's logits are only read here (an in-place
+        // gradient is written below, after this slice is gone).
+        let st = stats::row(
+            l,
+            unsafe { x.get(base, c) },
+            y,
+            self.plan.want,
+            &mut self.bufs.kernel,
+        );
+        match self.io {
+            Io::Forward(_) => {}
+            Io::Grad(x, g) => {
+                // SAFETY: the sample's gradient positions belong to this item.
+                let (xs, gs) = unsafe { (x.get(base, c), g.get_mut(base, c)) };
+                stats::gradient(l, &mut Separate(xs, gs), c, y, &st, up);
+            }
+            Io::InPlace(g) => {
+                // SAFETY: as above; the only live slice of these positions.
+                let gs = unsafe { g.get_mut(base, c) };
+                stats::gradient(l, &mut Same(gs), c, y, &st, up);
+            }
+        }
+        (st, &self.bufs.kernel.top)
+    }
+
+    /// A sample gathered into a row of scores.
+    #[inline(always)]
+    fn gathered<L: Lanes<F = F>>(
+        &mut self,
+        l: L,
+        at: Strided,
+        y: Option<usize>,
+        up: (F, F),
+    ) -> (RowStats<F>, &[(F, u32)]) {
+        let c = self.plan.classes;
+        let t = &self.plan.transform;
+        let ThreadBufs { kernel, z, dz } = &mut *self.bufs;
+        let x = match self.io {
+            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
+        };
+        // SAFETY (both closures): the sample's positions belong to this
+        // item, and are touched one at a time, each read before written.
+        let read = |p: usize| unsafe { x.get(p, 1) }[0];
+        gather(t, read, at, &mut z[..c]);
+        let st = stats::row(l, &z[..c], y, self.plan.want, kernel);
+        if let Io::Grad(_, g) | Io::InPlace(g) = self.io {
+            stats::gradient(l, &mut Separate(&z[..c], &mut dz[..c]), c, y, &st, up);
+            let write = |p: usize, v: T| unsafe { g.get_mut(p, 1) }[0] = v;
+            scatter(t, &dz[..c], at, read, write);
+        }
+        (st, &kernel.top)
+    }
+}
