@@ -7,7 +7,7 @@
 use crate::config;
 use crate::error::CeError;
 use rayon::{ThreadPool, ThreadPoolBuilder};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
 
@@ -54,4 +54,40 @@ pub fn set_num_threads(n: u64) -> Result<(), CeError> {
 
 pub fn num_threads() -> Result<usize, CeError> {
     Ok(pool()?.current_num_threads())
+}
+
+/// One `B` (a thread's scratch buffers) per thread of a call, made before
+/// the call writes anything, so that a refused allocation is an error and
+/// not a half-written output.
+pub(crate) struct PerThread<B>(Vec<Mutex<B>>);
+
+impl<B> PerThread<B> {
+    /// `make()` for each of `threads` threads (at least one).
+    pub fn new(threads: usize, make: impl Fn() -> Result<B, CeError>) -> Result<Self, CeError> {
+        let bufs = (0..threads.max(1))
+            .map(|_| make().map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        Ok(PerThread(bufs))
+    }
+
+    /// `f` with the calling thread's buffers (a pool thread's own; the
+    /// first for a thread outside the pool).
+    pub fn with<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
+        let slot = rayon::current_thread_index().unwrap_or(0) % self.0.len();
+        let mut b = self.0[slot].lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut b)
+    }
+}
+
+/// `v` with room for `len` values, all `fill`, or an error naming `what`.
+pub(crate) fn filled<V: Clone>(len: usize, fill: V, what: &str) -> Result<Vec<V>, CeError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        CeError::Resource(format!(
+            "could not allocate {what}: {} bytes",
+            len.saturating_mul(std::mem::size_of::<V>())
+        ))
+    })?;
+    v.resize(len, fill);
+    Ok(v)
 }

@@ -8,10 +8,13 @@
 use super::io::{Io, Logits};
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
+use crate::error::CeError;
 use crate::kernels::columns::{self, Image, LaneIn, Shared};
 use crate::kernels::rows::{self, RowIn};
+use crate::kernels::transform::{gather, scatter, Strided};
 use crate::kernels::{SampleTarget, SCRATCH_MAX};
 use crate::simd::{Compute, Lanes, Task};
+use crate::threads::{filled, PerThread};
 use rayon::prelude::*;
 
 /// Logits per row work item, and spatial positions per column work item.
@@ -26,7 +29,8 @@ pub(crate) struct Outputs<'o, O> {
 
 /// Runs the samples `sample0..` of `plan` whose logits are `io` (whole
 /// images: `len / (C * spatial)` of them) on the current thread pool.
-/// `probs` holds their class probabilities for probability targets.
+/// `probs` holds their class probabilities for probability targets; `bufs`
+/// the call's per-thread rows for gathered samples ([`gather_bufs`]).
 /// Returns the sum of their losses (in item order).
 pub(crate) fn execute<T: Elem, O: Elem>(
     plan: &Plan<'_, T::Acc>,
@@ -34,6 +38,7 @@ pub(crate) fn execute<T: Elem, O: Elem>(
     io: Logits<'_, T>,
     probs: Option<&[T]>,
     out: Outputs<'_, O>,
+    bufs: &PerThread<GatherBufs<T::Acc>>,
 ) -> f64
 where
     T::Acc: Compute,
@@ -41,7 +46,9 @@ where
     if io.is_empty() {
         return 0.0;
     }
-    if plan.spatial == 1 {
+    if !plan.transform.is_identity() {
+        run_gathered(plan, sample0, io, probs, out, bufs)
+    } else if plan.spatial == 1 {
         run_rows(plan, sample0, io, probs, out)
     } else {
         run_columns(plan, sample0, io, probs, out)
@@ -281,4 +288,145 @@ where
         },
     );
     partials.iter().sum()
+}
+
+// ---- softcapped samples: gathered into rows of scores -----------------------
+
+/// A thread's rows for a gathered sample: the scores, their gradient and the
+/// sample's class probabilities, in the compute type.
+pub(crate) struct GatherBufs<F> {
+    z: Vec<F>,
+    dz: Vec<F>,
+    probs: Vec<F>,
+}
+
+/// The per-thread rows a call on `threads` threads needs (none when no
+/// sample is gathered), reserved before anything is written.
+pub(crate) fn gather_bufs<F: Real>(
+    plan: &Plan<'_, F>,
+    threads: usize,
+    grad: bool,
+    probs: bool,
+) -> Result<PerThread<GatherBufs<F>>, CeError> {
+    let on = !plan.transform.is_identity();
+    let row = |want: bool| {
+        filled(
+            if on && want { plan.k.classes } else { 0 },
+            F::ZERO,
+            "a row of scores",
+        )
+    };
+    PerThread::new(if on { threads } else { 1 }, || {
+        Ok(GatherBufs {
+            z: row(true)?,
+            dz: row(grad)?,
+            probs: row(probs)?,
+        })
+    })
+}
+
+fn run_gathered<T: Elem, O: Elem>(
+    plan: &Plan<'_, T::Acc>,
+    sample0: usize,
+    io: Logits<'_, T>,
+    probs: Option<&[T]>,
+    out: Outputs<'_, O>,
+    bufs: &PerThread<GatherBufs<T::Acc>>,
+) -> f64
+where
+    T::Acc: Compute,
+{
+    let c = plan.k.classes;
+    let n = io.len() / c;
+    let io = match io {
+        Io::Forward(x) => Io::Forward(Shared::from_ref(x)),
+        Io::Grad(x, g) => Io::Grad(Shared::from_ref(x), Shared::new(g)),
+        Io::InPlace(x) => Io::InPlace(Shared::new(x)),
+    };
+    let probs = probs.map(Shared::from_ref);
+    let losses = out.losses.map(Shared::new);
+    let per = (ITEM_ELEMS / c).max(1);
+    let items: Vec<usize> = (0..n).step_by(per).collect();
+    let partials: Vec<f64> = map_items(
+        items,
+        || (),
+        |_, j0| {
+            bufs.with(|b| {
+                T::Acc::dispatch(GatherTask {
+                    plan,
+                    sample0,
+                    io,
+                    probs,
+                    losses,
+                    samples: (j0, (j0 + per).min(n)),
+                    bufs: b,
+                })
+            })
+        },
+    );
+    partials.iter().sum()
+}
+
+struct GatherTask<'a, 'p, T, O, F> {
+    plan: &'p Plan<'p, F>,
+    sample0: usize,
+    io: Io<Shared<T>, Shared<T>>,
+    probs: Option<Shared<T>>,
+    losses: Option<Shared<O>>,
+    /// Local sample range of this item.
+    samples: (usize, usize),
+    bufs: &'a mut GatherBufs<F>,
+}
+
+impl<T: Elem, O: Elem> Task<T::Acc> for GatherTask<'_, '_, T, O, T::Acc> {
+    type Output = f64;
+    #[inline(always)]
+    fn run<L: Lanes<F = T::Acc>>(self, l: L) -> f64 {
+        let (plan, c, sp) = (self.plan, self.plan.k.classes, self.plan.spatial);
+        let GatherBufs { z, dz, probs } = self.bufs;
+        let (z, t) = (&mut z[..c], &plan.transform);
+        let x = match self.io {
+            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
+        };
+        // SAFETY (every closure below): the item's samples are its own, and
+        // each position is touched alone, read before it is written.
+        let read = |p: usize| unsafe { x.get(p, 1) }[0];
+        let mut total = 0.0f64;
+        for j in self.samples.0..self.samples.1 {
+            let at = Strided {
+                base: (j / sp) * c * sp + j % sp,
+                stride: sp,
+            };
+            let i = self.sample0 + j;
+            gather(t, read, at, z);
+            let pr = self.probs.map(|pr| {
+                let row = &mut probs[..c];
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = T::Acc::from_elem(unsafe { pr.get(at.at(k), 1) }[0]);
+                }
+                &row[..]
+            });
+            let input = RowIn {
+                target: plan.target(i),
+                probs: pr,
+                scale: T::Acc::from_f64(plan.scale(i)),
+            };
+            let loss = match self.io {
+                Io::Forward(_) => rows::row(l, &plan.k, Io::Forward(&z[..]), input, None),
+                Io::Grad(_, g) | Io::InPlace(g) => {
+                    let loss = rows::row(l, &plan.k, Io::Grad(&z[..], &mut dz[..c]), input, None);
+                    let write = |p: usize, v: T| unsafe { g.get_mut(p, 1) }[0] = v;
+                    scatter(t, &dz[..c], at, read, write);
+                    loss
+                }
+            };
+            if let Some(ls) = self.losses {
+                // SAFETY: as above.
+                let dst = unsafe { ls.get_mut(j, 1) };
+                dst[0] = loss.to_elem();
+            }
+            total += loss.to_f64();
+        }
+        total
+    }
 }

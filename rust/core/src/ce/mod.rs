@@ -44,11 +44,14 @@ where
         Targets::Index(_) => None,
     };
     let pool = threads::pool()?;
+    let small = execute::is_small(numel);
+    let threads = if small { 1 } else { pool.current_num_threads() };
+    let bufs = execute::gather_bufs(&plan, threads, logits.wants_grad(), probs.is_some())?;
     let out = Outputs { losses };
-    let total = if execute::is_small(numel) {
-        execute(&plan, 0, logits, probs, out)
+    let total = if small {
+        execute(&plan, 0, logits, probs, out, &bufs)
     } else {
-        pool.install(|| execute(&plan, 0, logits, probs, out))
+        pool.install(|| execute(&plan, 0, logits, probs, out, &bufs))
     };
     Ok(plan.reduce(total))
 }
@@ -119,6 +122,8 @@ mod tests {
             ignore_index: -100,
             reduction: Reduction::None,
             label_smoothing: eps,
+            softcap: None,
+            z_loss: 0.0,
         };
         let (want_loss, want_grad) = reference(&x64, &p);
         let mut loss = vec![0.0f32; n * sp];
@@ -198,6 +203,8 @@ mod tests {
             ignore_index: -100,
             reduction: Reduction::Sum,
             label_smoothing: 0.1,
+            softcap: None,
+            z_loss: 0.0,
         };
         let mut results = Vec::new();
         for threads in [1, 2, 3] {
@@ -223,6 +230,8 @@ mod tests {
             ignore_index: -100,
             reduction: Reduction::Mean,
             label_smoothing: 0.0,
+            softcap: None,
+            z_loss: 0.0,
         };
         let mut g = vec![7.0f32; 12];
         let err =
@@ -245,5 +254,69 @@ mod tests {
             cross_entropy(&p, Logits::Forward(&x), GradOutput::Scalar(1.0), None),
             Err(CeError::Invalid { arg: "target", .. })
         ));
+    }
+
+    /// Softcap and z-loss against the plain loss of the capped logits (f64)
+    /// plus `z lse²`, and the chain rule through `tanh`.
+    #[test]
+    fn softcap_and_z_loss_match_their_definition() {
+        let (n, c, sp, cap, zl) = (5, 37, 3, 2.5, 0.03);
+        let mut sd = 11;
+        let x: Vec<f32> = (0..n * c * sp)
+            .map(|_| (lcg(&mut sd) * 16.0 - 8.0) as f32)
+            .collect();
+        let t: Vec<i64> = (0..n * sp)
+            .map(|i| if i == 4 { -100 } else { (i * 7 % c) as i64 })
+            .collect();
+        fn problem<T>(t: &[i64], n: usize, c: usize, sp: usize) -> CrossEntropy<'_, T> {
+            CrossEntropy {
+                batch: n,
+                classes: c,
+                spatial: sp,
+                targets: Targets::Index(t),
+                weight: None,
+                ignore_index: -100,
+                reduction: Reduction::None,
+                label_smoothing: 0.1,
+                softcap: None,
+                z_loss: 0.0,
+            }
+        }
+        let base = problem::<f64>(&t, n, c, sp);
+        let z: Vec<f64> = x.iter().map(|&v| cap * (v as f64 / cap).tanh()).collect();
+        let (mut lz, mut gz) = (vec![0.0; n * sp], vec![0.0; x.len()]);
+        let ones = vec![1.0; n * sp];
+        let up = GradOutput::PerSample(&ones);
+        cross_entropy(&base, Logits::Grad(&z, &mut gz), up, Some(&mut lz)).unwrap();
+        let p = CrossEntropy {
+            softcap: Some(cap),
+            z_loss: zl,
+            ..problem::<f32>(&t, n, c, sp)
+        };
+        let (mut l, mut g) = (vec![0.0f32; n * sp], vec![0.0f32; x.len()]);
+        cross_entropy(&p, Logits::Grad(&x, &mut g), up, Some(&mut l)).unwrap();
+        for i in 0..n {
+            for s in 0..sp {
+                let at = |k: usize| i * c * sp + k * sp + s;
+                let lse = (0..c).map(|k| z[at(k)].exp()).sum::<f64>().ln();
+                let kept = t[i * sp + s] != -100;
+                let want = lz[i * sp + s] + if kept { zl * lse * lse } else { 0.0 };
+                assert!((l[i * sp + s] as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
+                for k in 0..c {
+                    let extra = if kept {
+                        2.0 * zl * lse * (z[at(k)] - lse).exp()
+                    } else {
+                        0.0
+                    };
+                    let slope = 1.0 / (x[at(k)] as f64 / cap).cosh().powi(2);
+                    let want = (gz[at(k)] + extra) * slope;
+                    assert!(
+                        (g[at(k)] as f64 - want).abs() < 2e-6,
+                        "{} vs {want}",
+                        g[at(k)]
+                    );
+                }
+            }
+        }
     }
 }

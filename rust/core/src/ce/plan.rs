@@ -8,6 +8,7 @@
 
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
+use crate::kernels::transform::Transform;
 use crate::kernels::{Consts, SampleTarget};
 
 /// How per-sample losses are combined, as PyTorch's `reduction`.
@@ -55,6 +56,10 @@ pub struct CrossEntropy<'a, T> {
     pub ignore_index: i64,
     pub reduction: Reduction,
     pub label_smoothing: f64,
+    /// `c`: the loss sees `c · tanh(x / c)` instead of the logits `x`.
+    pub softcap: Option<f64>,
+    /// Adds `z_loss · lse²` to the loss of every sample that is not ignored.
+    pub z_loss: f64,
 }
 
 /// The upstream gradient.
@@ -95,6 +100,9 @@ pub struct Plan<'a, F> {
     pub(crate) reduction: Reduction,
     pub(crate) denom: f64,
     pub(crate) scale: Scale<'a>,
+    /// The softcap (temperature 1): samples are gathered when it is not
+    /// the identity.
+    pub(crate) transform: Transform<F>,
 }
 
 /// `got == want`, else an error naming `arg` (a length the caller derived
@@ -143,6 +151,13 @@ impl<'a, F: Real> Plan<'a, F> {
             ));
         }
         check_label_smoothing(p.label_smoothing)?;
+        if !(p.z_loss.is_finite() && p.z_loss >= 0.0) {
+            return Err(CeError::invalid(
+                "z_loss",
+                format!("expected a finite number >= 0, got {}", p.z_loss),
+            ));
+        }
+        let transform = Transform::new(p.softcap, 1.0)?;
         if let Some(w) = p.weight {
             check_len("weight", w.len(), c, "one weight per class")?;
         }
@@ -157,10 +172,12 @@ impl<'a, F: Real> Plan<'a, F> {
                 p.weight,
                 p.label_smoothing,
                 matches!(p.targets, Targets::Index(_)),
+                p.z_loss,
             ),
             reduction: p.reduction,
             denom,
             scale,
+            transform,
         })
     }
 

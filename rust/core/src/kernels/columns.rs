@@ -182,7 +182,7 @@ pub(crate) unsafe fn block<L: Lanes, T: Elem>(
             pa: pa[j],
             pb: pb[j],
         };
-        let (lj, kj) = finish(k, li.target, xy, sums);
+        let (lj, kj) = finish(k, li.target, xy, sums, m[j]);
         loss[j] = lj;
         k1[j] = kj;
         lane_scale[j] = sample_scale(li.target, li.scale);

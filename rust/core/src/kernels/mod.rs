@@ -48,10 +48,18 @@ pub(crate) struct Consts<F> {
     pub eps_c: F,
     /// Whether the smoothing terms are needed (index targets, `eps > 0`).
     pub smooth: bool,
+    /// The z-loss coefficient (`0`: no term, no extra arithmetic).
+    pub z_loss: F,
 }
 
 impl<F: Real> Consts<F> {
-    pub fn new(classes: usize, weight: Option<&[f64]>, eps: f64, index_targets: bool) -> Self {
+    pub fn new(
+        classes: usize,
+        weight: Option<&[f64]>,
+        eps: f64,
+        index_targets: bool,
+        z_loss: f64,
+    ) -> Self {
         Consts {
             classes,
             weight: weight.map(|w| w.iter().map(|&v| F::from_f64(v)).collect()),
@@ -59,6 +67,7 @@ impl<F: Real> Consts<F> {
             keep: F::from_f64(1.0 - eps),
             eps_c: F::from_f64(eps / classes as f64),
             smooth: eps > 0.0 && index_targets,
+            z_loss: F::from_f64(z_loss),
         }
     }
 
@@ -113,13 +122,29 @@ impl<F: Real> Sums<F> {
 /// class target. An ignored sample has no loss and a zero upstream gradient
 /// (see [`sample_scale`]); its `k1 = 0 / s` is NaN when the row holds a NaN,
 /// which makes its gradient NaN as PyTorch's is (`0 * NaN`).
+///
+/// With a z-loss `z`, a sample that is not ignored adds `z lse²` to its loss
+/// and `2 z lse p` to its gradient (`k1 += 2 z lse / s`).
 #[inline(always)]
 pub(crate) fn finish<F: Real>(
     k: &Consts<F>,
     t: SampleTarget<F>,
     x_y_minus_m: F,
     sums: Sums<F>,
+    m: F,
 ) -> (F, F) {
+    let (loss, k1) = ce_terms(k, t, x_y_minus_m, sums);
+    if k.z_loss == F::ZERO || matches!(t, SampleTarget::Ignored) {
+        return (loss, k1);
+    }
+    let lse = m + sums.s.ln();
+    let z = k.z_loss * lse;
+    (loss + z * lse, k1 + (z + z) / sums.s)
+}
+
+/// [`finish`] without the z-loss.
+#[inline(always)]
+fn ce_terms<F: Real>(k: &Consts<F>, t: SampleTarget<F>, x_y_minus_m: F, sums: Sums<F>) -> (F, F) {
     let ln_s = sums.s.ln();
     match t {
         SampleTarget::Ignored => (F::ZERO, F::ZERO / sums.s),

@@ -237,7 +237,7 @@ pub(crate) fn row<L: Lanes, T: Elem>(
             SampleTarget::Class { y, .. } => (L::F::from_elem(x[y]) - m, exp_at(l, x, body, y, m)),
             _ => (L::F::ZERO, L::F::ZERO),
         };
-        let (loss, k1) = finish(k, r.target, xy, sums);
+        let (loss, k1) = finish(k, r.target, xy, sums, m);
         let gc = GradConsts {
             m,
             k1,

@@ -6,10 +6,11 @@
 use super::gemm::{matmul, GemmReal, MatMut, MatRef};
 use super::rowwise;
 use super::weight::{convert, widen_into, zeros, Weight};
-use crate::ce::execute::{execute, Outputs};
+use crate::ce::execute::{execute, GatherBufs, Outputs};
 use crate::ce::{Io, Plan};
 use crate::elem::{same_type_mut, Elem};
 use crate::error::CeError;
+use crate::threads::PerThread;
 use rayon::prelude::*;
 
 /// What every chunk of one call shares.
@@ -24,6 +25,8 @@ pub(crate) struct Ctx<'a, 'p, T, G> {
     pub cs: usize,
     pub spatial: usize,
     pub threads: usize,
+    /// The per-thread rows of softcapped samples.
+    pub gather: &'p PerThread<GatherBufs<G>>,
 }
 
 /// Buffers reused by every chunk (reserved once, at their largest).
@@ -146,7 +149,8 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
     } else {
         Io::Forward(&*l)
     };
-    let part = execute(ctx.plan, r0 * ctx.spatial, io, probs, Outputs { losses });
+    let out = Outputs { losses };
+    let part = execute(ctx.plan, r0 * ctx.spatial, io, probs, out, ctx.gather);
     if let Some(g) = grads {
         backward(ctx, weight, x, l, (r0, r1), g, dx);
     }

@@ -31,6 +31,7 @@ mod gemm;
 mod rowwise;
 mod weight;
 
+use crate::ce::execute::gather_bufs;
 use crate::ce::plan::check_len;
 use crate::ce::{CrossEntropy, GradOutput, Plan, Reduction, Targets};
 use crate::elem::{Elem, ElemKind};
@@ -66,6 +67,9 @@ pub struct LinearCrossEntropy<'a, T> {
     pub ignore_index: i64,
     pub reduction: Reduction,
     pub label_smoothing: f64,
+    /// As [`CrossEntropy::softcap`] and [`CrossEntropy::z_loss`].
+    pub softcap: Option<f64>,
+    pub z_loss: f64,
     /// Rows per chunk (>= 1): the logits buffer holds `rows * C * S` values.
     pub chunk_rows: usize,
     /// Compute in `f64` whatever the input type.
@@ -96,6 +100,8 @@ impl<'a, T: Elem> LinearCrossEntropy<'a, T> {
             ignore_index: self.ignore_index,
             reduction: self.reduction,
             label_smoothing: self.label_smoothing,
+            softcap: self.softcap,
+            z_loss: self.z_loss,
         }
     }
 
@@ -190,6 +196,7 @@ fn run<T: Elem, G: GemmReal + Default>(
             .transpose()?;
         let mut bufs =
             ChunkBufs::<G>::reserve(rows, d, cs, converts, probs.is_some(), grads.is_some())?;
+        let gather = gather_bufs(&plan, threads, grads.is_some(), probs.is_some())?;
         let mut grads = match grads {
             Some(g) => Some(Grads::<T, G>::new(g.input, g.linear_weight, g.linear_bias)?),
             None => None,
@@ -203,6 +210,7 @@ fn run<T: Elem, G: GemmReal + Default>(
             cs,
             spatial: s,
             threads,
+            gather: &gather,
         };
         let mut total = 0.0f64;
         for r0 in (0..n).step_by(rows) {
@@ -293,6 +301,8 @@ mod tests {
             ignore_index: -100,
             reduction: Reduction::Mean,
             label_smoothing: 0.1,
+            softcap: None,
+            z_loss: 0.0,
             chunk_rows: rows,
             acc_f64: false,
             max_weight_copy: usize::MAX,
@@ -320,6 +330,8 @@ mod tests {
             ignore_index: -100,
             reduction: Reduction::Mean,
             label_smoothing: 0.1,
+            softcap: None,
+            z_loss: 0.0,
         };
         let loss =
             cross_entropy(&ce, Logits::Grad(&l, &mut g), GradOutput::Scalar(1.0), None).unwrap();

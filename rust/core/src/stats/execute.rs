@@ -16,7 +16,7 @@ use crate::kernels::stats::{self, logprob_of, RowStats, Scratch};
 use crate::kernels::transform::{gather, scatter, Strided};
 use crate::kernels::{Same, Separate};
 use crate::simd::{Compute, Lanes, Task};
-use std::sync::Mutex;
+use crate::threads::{filled, PerThread};
 
 /// Logits per work item.
 const ITEM_ELEMS: usize = 1 << 16;
@@ -29,47 +29,28 @@ pub(crate) struct ThreadBufs<F> {
     dz: Vec<F>,
 }
 
-fn reserve<V>(v: &mut Vec<V>, len: usize) -> Result<(), CeError> {
-    v.try_reserve_exact(len).map_err(|_| {
-        CeError::Resource(format!(
-            "could not allocate {} bytes of per-thread scratch",
-            len.saturating_mul(std::mem::size_of::<V>())
-        ))
-    })
-}
-
 impl<F: Real> ThreadBufs<F> {
     fn new(plan: &StatsPlan<'_, F>, gathered: bool, grad: bool) -> Result<Self, CeError> {
         let c = plan.classes;
-        let mut b = ThreadBufs {
-            kernel: Scratch::new(),
-            z: Vec::new(),
-            dz: Vec::new(),
-        };
-        b.kernel.reserve(c, plan.top_k, plan.want.argmax)?;
-        if gathered {
-            reserve(&mut b.z, c)?;
-            b.z.resize(c, F::ZERO);
-            if grad {
-                reserve(&mut b.dz, c)?;
-                b.dz.resize(c, F::ZERO);
-            }
-        }
-        Ok(b)
+        let mut kernel = Scratch::new();
+        kernel.reserve(c, plan.top_k, plan.want.argmax)?;
+        let row = |on: bool| filled(if on { c } else { 0 }, F::ZERO, "a row of scores");
+        Ok(ThreadBufs {
+            kernel,
+            z: row(gathered)?,
+            dz: row(gathered && grad)?,
+        })
     }
 }
 
 /// Per-thread buffers for a call on `threads` threads, reserved before
-/// anything is written (an allocation the machine refuses is an error).
+/// anything is written.
 pub(crate) fn thread_bufs<F: Real>(
     plan: &StatsPlan<'_, F>,
-    gathered: bool,
-    grad: bool,
     threads: usize,
-) -> Result<Vec<Mutex<ThreadBufs<F>>>, CeError> {
-    (0..threads.max(1))
-        .map(|_| ThreadBufs::new(plan, gathered, grad).map(Mutex::new))
-        .collect()
+    grad: bool,
+) -> Result<PerThread<ThreadBufs<F>>, CeError> {
+    PerThread::new(threads, || ThreadBufs::new(plan, gathers(plan), grad))
 }
 
 /// Whether the samples must be gathered (strided classes, or a score map).
@@ -127,13 +108,13 @@ impl<O: Elem> Outs<O> {
 /// Runs the samples `sample0..` of `plan` whose logits are `io` (whole
 /// images), writing their statistics to `out` (whose positions start at
 /// the first of these samples) and their gradient where `io` says.
-/// `bufs` holds one set of buffers per pool thread (see [`thread_bufs`]).
+/// `bufs`: the call's per-thread buffers (see [`thread_bufs`]).
 pub(crate) fn execute<T: Elem, O: Elem>(
     plan: &StatsPlan<'_, T::Acc>,
     sample0: usize,
     io: Logits<'_, T>,
     out: StatsOut<'_, O>,
-    bufs: &[Mutex<ThreadBufs<T::Acc>>],
+    bufs: &PerThread<ThreadBufs<T::Acc>>,
 ) where
     T::Acc: Compute,
 {
@@ -154,15 +135,15 @@ pub(crate) fn execute<T: Elem, O: Elem>(
         items,
         || (),
         |_, j0| {
-            let slot = rayon::current_thread_index().unwrap_or(0) % bufs.len();
-            let mut b = bufs[slot].lock().unwrap_or_else(|e| e.into_inner());
-            T::Acc::dispatch(StatsTask {
-                plan,
-                sample0,
-                io,
-                outs,
-                samples: (j0, (j0 + per).min(n)),
-                bufs: &mut b,
+            bufs.with(|b| {
+                T::Acc::dispatch(StatsTask {
+                    plan,
+                    sample0,
+                    io,
+                    outs,
+                    samples: (j0, (j0 + per).min(n)),
+                    bufs: b,
+                })
             })
         },
     );

@@ -159,7 +159,7 @@ where
     let pool = threads::pool()?;
     let small = crate::ce::execute::is_small(numel);
     let threads = if small { 1 } else { pool.current_num_threads() };
-    let bufs = execute::thread_bufs(&plan, execute::gathers(&plan), logits.wants_grad(), threads)?;
+    let bufs = execute::thread_bufs(&plan, threads, logits.wants_grad())?;
     if small {
         execute::execute(&plan, 0, logits, out, &bufs)
     } else {
