@@ -1,21 +1,18 @@
-//! One chunk of rows of the linear cross-entropy: the forward (the logits
-//! `X_c · Wᵀ (+ b)`, then the cross-entropy execute step of the call's
-//! plan, in place) and the backward (`dX_c`, `dW`, `db`) from those logits,
-//! which by then hold their gradient.
+//! One chunk of rows of a fused linear problem: the forward (the logits
+//! `X_c · Wᵀ (+ b)`, then the caller's step over them — the cross-entropy
+//! or the statistics — in place) and the backward (`dX_c`, `dW`, `db`) from
+//! those logits, which by then hold their gradient.
 
 use super::gemm::{matmul, GemmReal, MatMut, MatRef};
 use super::rowwise;
 use super::weight::{convert, widen_into, zeros, Weight};
-use crate::ce::execute::{execute, GatherBufs, Outputs};
-use crate::ce::{Io, Plan};
+use crate::ce::{Io, Logits};
 use crate::elem::{same_type_mut, Elem};
 use crate::error::CeError;
-use crate::threads::PerThread;
 use rayon::prelude::*;
 
 /// What every chunk of one call shares.
-pub(crate) struct Ctx<'a, 'p, T, G> {
-    pub plan: &'p Plan<'p, G>,
+pub(crate) struct Ctx<'a, T, G> {
     /// `(N, D)` rows and their probability targets `(N, C·S)`, if any.
     pub input: &'a [T],
     pub probs: Option<&'a [T]>,
@@ -23,10 +20,7 @@ pub(crate) struct Ctx<'a, 'p, T, G> {
     pub d: usize,
     /// `C · S`: logits per row.
     pub cs: usize,
-    pub spatial: usize,
     pub threads: usize,
-    /// The per-thread rows of softcapped samples.
-    pub gather: &'p PerThread<GatherBufs<G>>,
 }
 
 /// Buffers reused by every chunk (reserved once, at their largest).
@@ -123,14 +117,15 @@ impl<'g, T: Elem, G: GemmReal + Default> Grads<'g, T, G> {
     }
 }
 
-/// Runs rows `r0..r1`: their losses go to `losses` (for `reduction='none'`),
-/// their gradients into `grads`. Returns the sum of their losses.
+/// Runs rows `r0..r1`: their logits, then `on_logits` (which turns them
+/// into their gradient in place when `grads` is given), then their
+/// gradients into `grads`. Returns what `on_logits` returned.
 pub(crate) fn run<T: Elem, G: GemmReal + Default>(
-    ctx: &Ctx<'_, '_, T, G>,
+    ctx: &Ctx<'_, T, G>,
     weight: &mut Weight<'_, T, G>,
     bufs: &mut ChunkBufs<G>,
     (r0, r1): (usize, usize),
-    losses: Option<&mut [T]>,
+    on_logits: &mut impl FnMut((usize, usize), Logits<'_, G>, Option<&[G]>) -> f64,
     grads: Option<&mut Grads<'_, T, G>>,
 ) -> f64 {
     let (d, cs, nr) = (ctx.d, ctx.cs, r1 - r0);
@@ -149,8 +144,7 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
     } else {
         Io::Forward(&*l)
     };
-    let out = Outputs { losses };
-    let part = execute(ctx.plan, r0 * ctx.spatial, io, probs, out, ctx.gather);
+    let part = on_logits((r0, r1), io, probs);
     if let Some(g) = grads {
         backward(ctx, weight, x, l, (r0, r1), g, dx);
     }
@@ -160,7 +154,7 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
 /// `l = x · Wᵀ (+ b)` for the `nr` rows of `x`, each row by itself
 /// (`rowwise.rs`: the same bits whatever the other rows).
 fn forward_logits<T: Elem, G: GemmReal + Default>(
-    ctx: &Ctx<'_, '_, T, G>,
+    ctx: &Ctx<'_, T, G>,
     weight: &mut Weight<'_, T, G>,
     x: &[G],
     l: &mut [G],
@@ -177,7 +171,7 @@ fn forward_logits<T: Elem, G: GemmReal + Default>(
 /// From the chunk's logits gradient `dl`: `dX_c = dL · W`,
 /// `dW += dLᵀ · X_c`, `db += Σ_rows dL` (in `f64`, rows in order).
 fn backward<T: Elem, G: GemmReal + Default>(
-    ctx: &Ctx<'_, '_, T, G>,
+    ctx: &Ctx<'_, T, G>,
     weight: &mut Weight<'_, T, G>,
     x: &[G],
     dl: &[G],

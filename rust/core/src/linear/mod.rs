@@ -32,10 +32,13 @@ mod rowwise;
 mod weight;
 
 use crate::ce::execute::gather_bufs;
+use crate::ce::execute::{execute, Outputs};
 use crate::ce::plan::check_len;
+use crate::ce::Logits;
 use crate::ce::{CrossEntropy, GradOutput, Plan, Reduction, Targets};
 use crate::elem::{Elem, ElemKind};
 use crate::error::CeError;
+use crate::stats::{self, StatsGrad, StatsOut, StatsPlan, TokenStats};
 use crate::threads;
 use chunk::{ChunkBufs, Ctx, Grads};
 use gemm::GemmReal;
@@ -44,9 +47,10 @@ use weight::{widen, Weight};
 /// Multiply-adds of the logits below which a call runs on the calling thread.
 const SMALL_MACS: usize = 1 << 22;
 
-/// A linear-then-cross-entropy problem. Arrays are C-contiguous.
+/// The linear part of a fused problem: `logits = input · linear_weightᵀ
+/// (+ linear_bias)`, computed chunk by chunk. Arrays are C-contiguous.
 #[derive(Clone, Copy)]
-pub struct LinearCrossEntropy<'a, T> {
+pub struct Linear<'a, T> {
     /// `N` rows of `input` (1 for an unbatched input).
     pub batch: usize,
     /// `D`, the length of each input row.
@@ -61,15 +65,6 @@ pub struct LinearCrossEntropy<'a, T> {
     pub linear_weight: &'a [T],
     /// `(C, d1..dK)`.
     pub linear_bias: Option<&'a [T]>,
-    /// Class indices `(N, d1..dK)` or probabilities `(N, C, d1..dK)`.
-    pub targets: Targets<'a, T>,
-    pub weight: Option<&'a [f64]>,
-    pub ignore_index: i64,
-    pub reduction: Reduction,
-    pub label_smoothing: f64,
-    /// As [`CrossEntropy::softcap`] and [`CrossEntropy::z_loss`].
-    pub softcap: Option<f64>,
-    pub z_loss: f64,
     /// Rows per chunk (>= 1): the logits buffer holds `rows * C * S` values.
     pub chunk_rows: usize,
     /// Compute in `f64` whatever the input type.
@@ -79,6 +74,30 @@ pub struct LinearCrossEntropy<'a, T> {
     /// call; a larger weight is converted block by block of classes inside
     /// every chunk instead (more conversions, memory bounded by a block).
     pub max_weight_copy: usize,
+}
+
+/// A linear-then-cross-entropy problem.
+#[derive(Clone, Copy)]
+pub struct LinearCrossEntropy<'a, T> {
+    pub linear: Linear<'a, T>,
+    /// Class indices `(N, d1..dK)` or probabilities `(N, C, d1..dK)`.
+    pub targets: Targets<'a, T>,
+    pub weight: Option<&'a [f64]>,
+    pub ignore_index: i64,
+    pub reduction: Reduction,
+    pub label_smoothing: f64,
+    /// As [`CrossEntropy::softcap`] and [`CrossEntropy::z_loss`].
+    pub softcap: Option<f64>,
+    pub z_loss: f64,
+}
+
+/// Per-token statistics of the logits of a linear layer.
+#[derive(Clone, Copy)]
+pub struct LinearTokenStats<'a, T> {
+    pub linear: Linear<'a, T>,
+    /// The statistics; its `batch`, `classes` and `spatial` must be the
+    /// linear part's.
+    pub stats: TokenStats<'a>,
 }
 
 /// Where the gradients go: shapes of `input`, `linear_weight`, `linear_bias`.
@@ -91,10 +110,11 @@ pub struct LinearGrads<'a, T> {
 impl<'a, T: Elem> LinearCrossEntropy<'a, T> {
     /// The cross-entropy problem over all `N x C·S` logits.
     fn ce_problem(&self) -> CrossEntropy<'a, T> {
+        let l = &self.linear;
         CrossEntropy {
-            batch: self.batch,
-            classes: self.classes,
-            spatial: self.spatial,
+            batch: l.batch,
+            classes: l.classes,
+            spatial: l.spatial,
             targets: self.targets,
             weight: self.weight,
             ignore_index: self.ignore_index,
@@ -104,7 +124,9 @@ impl<'a, T: Elem> LinearCrossEntropy<'a, T> {
             z_loss: self.z_loss,
         }
     }
+}
 
+impl<T: Elem> Linear<'_, T> {
     /// The arrays' lengths fit the shapes, and the chunk is not empty.
     fn check_buffers(&self, grads: Option<&LinearGrads<'_, T>>) -> Result<(), CeError> {
         let (n, d, cs) = (self.batch, self.in_features, self.classes * self.spatial);
@@ -143,6 +165,11 @@ impl<'a, T: Elem> LinearCrossEntropy<'a, T> {
             )),
         }
     }
+
+    /// Whether the call computes in `f64`.
+    fn in_f64(&self) -> bool {
+        self.acc_f64 || T::KIND == ElemKind::F64
+    }
 }
 
 /// Runs the fused linear cross-entropy. Returns the reduced loss for `mean`
@@ -157,85 +184,164 @@ pub fn linear_cross_entropy<T: Elem>(
     grads: Option<LinearGrads<'_, T>>,
     losses: Option<&mut [T]>,
 ) -> Result<f64, CeError> {
-    if p.acc_f64 || T::KIND == ElemKind::F64 {
-        run::<T, f64>(p, grad_output, grads, losses)
+    if p.linear.in_f64() {
+        run_ce::<T, f64>(p, grad_output, grads, losses)
     } else {
-        run::<T, f32>(p, grad_output, grads, losses)
+        run_ce::<T, f32>(p, grad_output, grads, losses)
     }
 }
 
-fn run<T: Elem, G: GemmReal + Default>(
+fn run_ce<T: Elem, G: GemmReal + Default>(
     p: &LinearCrossEntropy<'_, T>,
     grad_output: GradOutput<'_>,
     grads: Option<LinearGrads<'_, T>>,
     mut losses: Option<&mut [T]>,
 ) -> Result<f64, CeError> {
-    p.check_buffers(grads.as_ref())?;
+    p.linear.check_buffers(grads.as_ref())?;
     let plan = Plan::<G>::new(&p.ce_problem(), grad_output)?;
     plan.check_losses(losses.as_deref().map(<[T]>::len))?;
+    let probs = match p.targets {
+        Targets::Probs(t) => Some(t),
+        Targets::Index(_) => None,
+    };
+    let s = p.linear.spatial;
+    with_threads(&p.linear, |threads| {
+        let gather = gather_bufs(&plan, threads, grads.is_some(), probs.is_some())?;
+        let total = drive::<T, G>(&p.linear, probs, grads, threads, |(r0, r1), io, probs| {
+            let chunk_losses = losses.as_deref_mut().map(|l| &mut l[r0 * s..r1 * s]);
+            let out = Outputs {
+                losses: chunk_losses,
+            };
+            execute(&plan, r0 * s, io, probs, out, &gather)
+        })?;
+        Ok(plan.reduce(total))
+    })
+}
+
+/// Computes the per-token statistics of the logits `input · Wᵀ (+ b)` (and
+/// the gradients of `Σ gl · logprob + ge · entropy` with respect to the
+/// input, weight and bias when `grads` is given), chunk by chunk. Float
+/// outputs `O` are `f32`, or `f64` for a call computing in `f64`.
+///
+/// Every argument is validated before anything is written.
+pub fn linear_token_stats<T: Elem, O: Elem>(
+    p: &LinearTokenStats<'_, T>,
+    grad: StatsGrad<'_>,
+    grads: Option<LinearGrads<'_, T>>,
+    out: StatsOut<'_, O>,
+) -> Result<(), CeError> {
+    if p.linear.in_f64() {
+        run_stats::<T, f64, O>(p, grad, grads, out)
+    } else {
+        run_stats::<T, f32, O>(p, grad, grads, out)
+    }
+}
+
+fn run_stats<T: Elem, G: GemmReal + Default, O: Elem>(
+    p: &LinearTokenStats<'_, T>,
+    grad: StatsGrad<'_>,
+    grads: Option<LinearGrads<'_, T>>,
+    mut out: StatsOut<'_, O>,
+) -> Result<(), CeError> {
+    let l = &p.linear;
+    let st = &p.stats;
+    if (st.batch, st.classes, st.spatial) != (l.batch, l.classes, l.spatial) {
+        return Err(CeError::invalid(
+            "stats",
+            "the statistics' shape must be the linear part's",
+        ));
+    }
+    l.check_buffers(grads.as_ref())?;
+    let plan = StatsPlan::<G>::new(st, grad, grads.is_some())?;
+    out.check(&plan)?;
+    let (s, k) = (l.spatial, st.top_k);
+    with_threads(l, |threads| {
+        let bufs = stats::execute::thread_bufs(&plan, threads, grads.is_some())?;
+        drive::<T, G>(l, None, grads, threads, |(r0, r1), io, _| {
+            let chunk = out.samples(r0 * s, r1 * s, k);
+            stats::execute::execute(&plan, r0 * s, io, chunk, &bufs);
+            0.0
+        })?;
+        Ok(())
+    })
+}
+
+/// `f(threads)`: on the calling thread for small calls (handing them to
+/// the pool costs more than they do), else inside the pool. The products
+/// give the same bits on any thread count.
+fn with_threads<T: Elem, R: Send>(
+    l: &Linear<'_, T>,
+    f: impl FnOnce(usize) -> Result<R, CeError> + Send,
+) -> Result<R, CeError> {
     // Nothing has been written so far; from here on only a refused
     // allocation (before the first write) can fail.
     let pool = threads::pool()?;
-    let (n, d, s) = (p.batch, p.in_features, p.spatial);
-    let cs = p.classes * s;
-    let rows = p.chunk_rows.min(n.max(1));
-    // Small calls run on the calling thread (handing them to the pool costs
-    // more than they do); the GEMMs give the same bits on any thread count.
-    let small = n.saturating_mul(cs).saturating_mul(d.max(1)) <= SMALL_MACS;
-    let threads = if small { 1 } else { pool.current_num_threads() };
-    let work = || {
-        let converts = T::KIND != G::KIND;
-        let probs = match p.targets {
-            Targets::Probs(t) => Some(t),
-            Targets::Index(_) => None,
-        };
-        let mut weight = Weight::<T, G>::new(p.linear_weight, cs, d, p.max_weight_copy)?;
-        let bias = p
-            .linear_bias
-            .map(|b| widen::<T, G>(b, "linear_bias"))
-            .transpose()?;
-        let mut bufs =
-            ChunkBufs::<G>::reserve(rows, d, cs, converts, probs.is_some(), grads.is_some())?;
-        let gather = gather_bufs(&plan, threads, grads.is_some(), probs.is_some())?;
-        let mut grads = match grads {
-            Some(g) => Some(Grads::<T, G>::new(g.input, g.linear_weight, g.linear_bias)?),
-            None => None,
-        };
-        let ctx = Ctx {
-            plan: &plan,
-            input: p.input,
-            probs,
-            bias: bias.as_deref(),
-            d,
-            cs,
-            spatial: s,
-            threads,
-            gather: &gather,
-        };
-        let mut total = 0.0f64;
-        for r0 in (0..n).step_by(rows) {
-            let r1 = (r0 + rows).min(n);
-            let chunk_losses = losses.as_deref_mut().map(|l| &mut l[r0 * s..r1 * s]);
-            total += chunk::run(
-                &ctx,
-                &mut weight,
-                &mut bufs,
-                (r0, r1),
-                chunk_losses,
-                grads.as_mut(),
-            );
-        }
-        if let Some(g) = grads {
-            g.finish();
-        }
-        Ok(plan.reduce(total))
-    };
+    let cs = l.classes * l.spatial;
+    let small = l
+        .batch
+        .saturating_mul(cs)
+        .saturating_mul(l.in_features.max(1))
+        <= SMALL_MACS;
     if small {
-        work()
+        f(1)
     } else {
-        pool.install(work)
+        let threads = pool.current_num_threads();
+        pool.install(|| f(threads))
     }
 }
+
+/// Runs the chunks of `l`: per chunk the logits, then `on_logits((r0, r1),
+/// logits, probs)`, which turns them into their gradient in place when
+/// `grads` is given, then the backward into `grads`. Returns the sum of
+/// what `on_logits` returned, in chunk order.
+fn drive<T: Elem, G: GemmReal + Default>(
+    l: &Linear<'_, T>,
+    probs: Option<&[T]>,
+    grads: Option<LinearGrads<'_, T>>,
+    threads: usize,
+    mut on_logits: impl FnMut((usize, usize), Logits<'_, G>, Option<&[G]>) -> f64,
+) -> Result<f64, CeError> {
+    let (n, d, cs) = (l.batch, l.in_features, l.classes * l.spatial);
+    let rows = l.chunk_rows.min(n.max(1));
+    let converts = T::KIND != G::KIND;
+    let mut weight = Weight::<T, G>::new(l.linear_weight, cs, d, l.max_weight_copy)?;
+    let bias = l
+        .linear_bias
+        .map(|b| widen::<T, G>(b, "linear_bias"))
+        .transpose()?;
+    let mut bufs =
+        ChunkBufs::<G>::reserve(rows, d, cs, converts, probs.is_some(), grads.is_some())?;
+    let mut grads = match grads {
+        Some(g) => Some(Grads::<T, G>::new(g.input, g.linear_weight, g.linear_bias)?),
+        None => None,
+    };
+    let ctx = Ctx {
+        input: l.input,
+        probs,
+        bias: bias.as_deref(),
+        d,
+        cs,
+        threads,
+    };
+    let mut total = 0.0f64;
+    for r0 in (0..n).step_by(rows) {
+        let r1 = (r0 + rows).min(n);
+        let chunk = (r0, r1);
+        total += chunk::run(
+            &ctx,
+            &mut weight,
+            &mut bufs,
+            chunk,
+            &mut on_logits,
+            grads.as_mut(),
+        );
+    }
+    if let Some(g) = grads {
+        g.finish();
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,13 +395,18 @@ mod tests {
         rows: usize,
     ) -> LinearCrossEntropy<'a, T> {
         LinearCrossEntropy {
-            batch: dt.n,
-            in_features: dt.d,
-            classes: dt.c,
-            spatial: dt.s,
-            input: x,
-            linear_weight: w,
-            linear_bias: Some(b),
+            linear: Linear {
+                batch: dt.n,
+                in_features: dt.d,
+                classes: dt.c,
+                spatial: dt.s,
+                input: x,
+                linear_weight: w,
+                linear_bias: Some(b),
+                chunk_rows: rows,
+                acc_f64: false,
+                max_weight_copy: usize::MAX,
+            },
             targets: Targets::Index(&dt.t),
             weight: Some(weight),
             ignore_index: -100,
@@ -303,9 +414,6 @@ mod tests {
             label_smoothing: 0.1,
             softcap: None,
             z_loss: 0.0,
-            chunk_rows: rows,
-            acc_f64: false,
-            max_weight_copy: usize::MAX,
         }
     }
 
@@ -390,16 +498,17 @@ mod tests {
         p: &LinearCrossEntropy<'_, T>,
         fill: T,
     ) -> (Result<f64, CeError>, Vec<T>, Vec<T>, Vec<T>) {
-        let mut gx = vec![fill; p.input.len()];
-        let mut gw = vec![fill; p.linear_weight.len()];
-        let mut gb = vec![fill; p.linear_bias.map_or(0, <[T]>::len)];
+        let l = &p.linear;
+        let mut gx = vec![fill; l.input.len()];
+        let mut gw = vec![fill; l.linear_weight.len()];
+        let mut gb = vec![fill; l.linear_bias.map_or(0, <[T]>::len)];
         let r = linear_cross_entropy(
             p,
             GradOutput::Scalar(1.0),
             Some(LinearGrads {
                 input: &mut gx,
                 linear_weight: &mut gw,
-                linear_bias: p.linear_bias.map(|_| &mut gb[..]),
+                linear_bias: l.linear_bias.map(|_| &mut gb[..]),
             }),
             None,
         );
@@ -463,10 +572,14 @@ mod tests {
         };
         let (_, x, w, b) = rounded::<f32>(&sub);
         let weight = vec![1.0; dt.c];
+        let base = problem(&sub, &x, &w, &b, &weight, chunk);
         let p = LinearCrossEntropy {
             reduction: Reduction::None,
-            linear_bias: bias.then_some(&b[..]),
-            ..problem(&sub, &x, &w, &b, &weight, chunk)
+            linear: Linear {
+                linear_bias: bias.then_some(&b[..]),
+                ..base.linear
+            },
+            ..base
         };
         let mut losses = vec![0.0f32; rows.len()];
         let mut gx = vec![0.0f32; x.len()];
@@ -521,10 +634,8 @@ mod tests {
         let weight = vec![1.0; c];
         let (dt, x, w, b) = rounded::<bf16>(&data(n, d, c, 1, 13));
         let run = |limit: usize| {
-            let p = LinearCrossEntropy {
-                max_weight_copy: limit,
-                ..problem(&dt, &x, &w, &b, &weight, 4)
-            };
+            let mut p = problem(&dt, &x, &w, &b, &weight, 4);
+            p.linear.max_weight_copy = limit;
             let (l, gx, gw, gb) = run_grads(&p, bf16::ZERO);
             (l.unwrap(), gx, gw, gb)
         };
@@ -549,10 +660,98 @@ mod tests {
             Err(CeError::TargetOutOfBounds { position: 5, .. })
         ));
         assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 7.0));
-        let bad = LinearCrossEntropy {
-            linear_weight: &w[1..],
-            ..p
-        };
+        let mut bad = p;
+        bad.linear.linear_weight = &w[1..];
         assert!(linear_cross_entropy(&bad, GradOutput::Scalar(1.0), None, None).is_err());
+    }
+
+    #[test]
+    fn token_stats_match_the_statistics_of_float64_logits() {
+        use crate::stats::{token_stats, Upstream, Wanted};
+        use crate::Io;
+        let dt = data(11, 9, 40, 1, 17);
+        let (dr, x, w, b) = rounded::<f32>(&dt);
+        let (n, d, c) = (dr.n, dr.d, dr.c);
+        let mut l = vec![0.0; n * c];
+        for r in 0..n {
+            for j in 0..c {
+                let dot: f64 = (0..d).map(|k| dr.x[r * d + k] * dr.w[j * d + k]).sum();
+                l[r * c + j] = dot + dr.b[j];
+            }
+        }
+        let stats = TokenStats {
+            batch: n,
+            classes: c,
+            spatial: 1,
+            targets: Some(&dr.t),
+            ignore_index: -100,
+            temperature: 0.8,
+            softcap: Some(5.0),
+            top_k: 3,
+            wanted: Wanted {
+                lse: true,
+                logprob: true,
+                entropy: true,
+                argmax: false,
+                rank: false,
+            },
+        };
+        let up = StatsGrad {
+            logprob: Upstream::Scalar(1.0),
+            entropy: Upstream::Scalar(0.5),
+        };
+        /// lse, logprob, entropy, top-k ids, top-k log-probs.
+        type Outs<O> = (Vec<O>, Vec<O>, Vec<O>, Vec<i64>, Vec<O>);
+        fn outs<O: Elem>(n: usize, k: usize) -> Outs<O> {
+            let z = O::from_f64(0.0);
+            (
+                vec![z; n],
+                vec![z; n],
+                vec![z; n],
+                vec![0; n * k],
+                vec![z; n * k],
+            )
+        }
+        fn view<O>(o: &mut Outs<O>) -> StatsOut<'_, O> {
+            StatsOut {
+                lse: Some(&mut o.0),
+                logprob: Some(&mut o.1),
+                entropy: Some(&mut o.2),
+                argmax: None,
+                rank: None,
+                topk_ids: Some(&mut o.3),
+                topk_logprobs: Some(&mut o.4),
+            }
+        }
+        let mut want = outs::<f64>(n, 3);
+        let mut dl = vec![0.0; n * c];
+        token_stats(&stats, Io::Grad(&l, &mut dl), up, view(&mut want)).unwrap();
+        let mut got = outs::<f32>(n, 3);
+        let p = LinearTokenStats {
+            linear: problem(&dr, &x, &w, &b, &[], 4).linear,
+            stats,
+        };
+        let (mut gx, mut gw, mut gb) = (vec![0.0f32; n * d], vec![0.0f32; c * d], vec![0.0f32; c]);
+        let grads = LinearGrads {
+            input: &mut gx,
+            linear_weight: &mut gw,
+            linear_bias: Some(&mut gb),
+        };
+        linear_token_stats(&p, up, Some(grads), view(&mut got)).unwrap();
+        close("lse", &wide(&got.0), &want.0, 1e-5);
+        close("logprob", &wide(&got.1), &want.1, 1e-5);
+        close("entropy", &wide(&got.2), &want.2, 1e-5);
+        assert_eq!(got.3, want.3);
+        let (mut dx, mut dw) = (vec![0.0; n * d], vec![0.0; c * d]);
+        for r in 0..n {
+            for j in 0..c {
+                for k in 0..d {
+                    dx[r * d + k] += dl[r * c + j] * dr.w[j * d + k];
+                    dw[j * d + k] += dl[r * c + j] * dr.x[r * d + k];
+                }
+            }
+        }
+        close("dx", &wide(&gx), &dx, 1e-5);
+        close("dw", &wide(&gw), &dw, 1e-5);
     }
 }

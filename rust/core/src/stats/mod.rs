@@ -85,9 +85,25 @@ pub struct StatsOut<'a, O> {
 }
 
 impl<O> StatsOut<'_, O> {
+    /// The outputs of samples `i0..i1` (`k` values each for the top-k).
+    pub(crate) fn samples(&mut self, i0: usize, i1: usize, k: usize) -> StatsOut<'_, O> {
+        fn part<'s, V>(v: &'s mut Option<&mut [V]>, a: usize, b: usize) -> Option<&'s mut [V]> {
+            v.as_deref_mut().map(|v| &mut v[a..b])
+        }
+        StatsOut {
+            lse: part(&mut self.lse, i0, i1),
+            logprob: part(&mut self.logprob, i0, i1),
+            entropy: part(&mut self.entropy, i0, i1),
+            argmax: part(&mut self.argmax, i0, i1),
+            rank: part(&mut self.rank, i0, i1),
+            topk_ids: part(&mut self.topk_ids, i0 * k, i1 * k),
+            topk_logprobs: part(&mut self.topk_logprobs, i0 * k, i1 * k),
+        }
+    }
+
     /// Every output has the length the plan needs, and is present exactly
     /// when asked for.
-    fn check(&self, plan: &StatsPlan<'_, impl Real>) -> Result<(), CeError> {
+    pub(crate) fn check(&self, plan: &StatsPlan<'_, impl Real>) -> Result<(), CeError> {
         let (n, w) = (plan.samples(), plan.wanted);
         let k = plan.top_k;
         let lens = [
