@@ -9,8 +9,8 @@ semantics, over numpy arrays, on a SIMD multithreaded Rust core.
 from __future__ import annotations
 
 from . import _native, gpu
-from ._request import LinearCrossEntropyGrads
-from .functional import cross_entropy, linear_cross_entropy
+from ._request import LinearCrossEntropyGrads, TokenStats
+from .functional import cross_entropy, linear_cross_entropy, linear_token_stats, token_stats
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from .options import LinearCrossEntropyOptions
 
@@ -21,6 +21,9 @@ __all__ = [
     "LinearCrossEntropyGrads",
     "LinearCrossEntropyLoss",
     "LinearCrossEntropyOptions",
+    "token_stats",
+    "linear_token_stats",
+    "TokenStats",
     "set_num_threads",
     "get_num_threads",
     "simd_level",

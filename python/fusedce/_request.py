@@ -42,6 +42,10 @@ class Problem(NamedTuple):
     #: a number, or float64 of the loss's shape (``reduction='none'``)
     grad_output: Union[float, np.ndarray]
     loss_shape: Tuple[int, ...]
+    #: ``c`` of ``c * tanh(x / c)`` applied to the logits, or None
+    softcap: Optional[float]
+    #: coefficient of ``lse**2`` added to each kept sample's loss
+    z_loss: float
 
     @property
     def samples(self) -> int:
@@ -188,19 +192,27 @@ def _grad_output(grad_output: Any, reduction: str, loss_shape: tuple) -> Union[f
     return readable(g, np.float64)
 
 
+def optional_float_arg(arg: str, v: Any) -> Optional[float]:
+    return None if v is None else float_arg(arg, v)
+
+
 def problem(batch: int, classes: int, spatial: int, logits_shape: tuple, dtype: np.dtype, target: Any,
             weight: Any, ignore_index: Any, reduction: Any, label_smoothing: Any, grad_output: Any,
-            loss_shape: tuple) -> Problem:
+            loss_shape: tuple, softcap: Any, z_loss: Any) -> Problem:
     reduction = reduction_arg(reduction)
     return Problem(
         batch, classes, spatial, _target(target, logits_shape, dtype), weight_arg(weight, classes),
         int_arg("ignore_index", ignore_index), reduction, float_arg("label_smoothing", label_smoothing),
         _grad_output(grad_output, reduction, loss_shape), loss_shape,
+        optional_float_arg("softcap", softcap), float_arg("z_loss", z_loss),
     )
 
 
-def resolve_device(device: str, dtype: np.dtype, work: float, threshold: float) -> str:
-    """"cpu" or "gpu" for this call; float64 never runs on the GPU (WGSL has no f64)."""
+def resolve_device(device: str, dtype: np.dtype, work: float, threshold: float,
+                   cpu_only: Optional[str] = None) -> str:
+    """"cpu" or "gpu" for this call. float64 never runs on the GPU (WGSL has
+    no f64), nor does a call using a feature the shaders lack (``cpu_only``
+    names it): with ``device="gpu"`` both warn and run on the CPU."""
     if device == "cpu":
         return "cpu"
     from . import gpu
@@ -209,15 +221,27 @@ def resolve_device(device: str, dtype: np.dtype, work: float, threshold: float) 
         chosen = gpu.use_gpu(device, work, threshold)
     except gpu.GpuUnavailable as exc:
         raise RuntimeError(f"device: 'gpu' was asked for, but {exc}") from None
-    if chosen and dtype == np.float64:
+    if chosen and cpu_only is None and dtype == np.float64:
+        cpu_only = "float64 (WGSL has no float64)"
+    if chosen and cpu_only is not None:
         if device == "gpu":
             warnings.warn(
-                "device='gpu': WGSL has no float64, so this float64 call is computed on the CPU",
+                f"device='gpu': the GPU path does not support {cpu_only} yet; "
+                "this call is computed on the CPU",
                 RuntimeWarning,
                 stacklevel=4,
             )
         return "cpu"
     return "gpu" if chosen else "cpu"
+
+
+def _loss_cpu_only(prob: Problem) -> Optional[str]:
+    """The loss option the GPU shaders lack, if this problem uses one."""
+    if prob.softcap is not None:
+        return "softcap"
+    if prob.z_loss != 0.0:
+        return "z_loss"
+    return None
 
 
 # ---- cross_entropy ------------------------------------------------------------------------
@@ -247,28 +271,33 @@ def _grad_buffer(grad_out: Any, original: Any, x: np.ndarray) -> np.ndarray:
 
 def cross_entropy_request(input: Any, target: Any, weight: Any, ignore_index: Any, reduction: Any,
                           label_smoothing: Any, return_grad: bool, grad_output: Any, grad_out: Any,
-                          device: Any) -> CrossEntropyRequest:
+                          device: Any, softcap: Any = None, z_loss: Any = 0.0) -> CrossEntropyRequest:
     from . import gpu
 
     device = check_device(device)
     if grad_out is not None and not return_grad:
         raise ValueError("grad_out: given without return_grad=True")
+    x, (batch, classes, spatial), loss_shape = _logits(input)
+    prob = problem(batch, classes, spatial, x.shape, x.dtype, target, weight, ignore_index, reduction,
+                   label_smoothing, grad_output, loss_shape, softcap, z_loss)
+    grad = _grad_buffer(grad_out, input, x) if return_grad else None
+    loss = np.empty(loss_shape, dtype=x.dtype) if prob.reduction == "none" else None
+    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS, _loss_cpu_only(prob))
+    return CrossEntropyRequest(prob, x, grad, loss, dev)
+
+
+def _logits(input: Any) -> Tuple[np.ndarray, Tuple[int, int, int], Tuple[int, ...]]:
+    """Logits ``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)`` (aligned, C-contiguous),
+    their ``(batch, classes, spatial)`` and the per-sample shape."""
     x = as_array("input", input)
     check_float_dtype("input", x)
     if x.ndim == 0:
         raise ValueError("input: expected shape (C,), (N, C) or (N, C, d1, ..., dK), got a 0-d array")
     x = readable(x)
     if x.ndim == 1:
-        batch, classes, spatial, loss_shape = 1, x.shape[0], 1, ()
-    else:
-        batch, classes, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        loss_shape = (batch,) + x.shape[2:]
-    prob = problem(batch, classes, spatial, x.shape, x.dtype, target, weight, ignore_index, reduction,
-                   label_smoothing, grad_output, loss_shape)
-    grad = _grad_buffer(grad_out, input, x) if return_grad else None
-    loss = np.empty(loss_shape, dtype=x.dtype) if prob.reduction == "none" else None
-    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS)
-    return CrossEntropyRequest(prob, x, grad, loss, dev)
+        return x, (1, x.shape[0], 1), ()
+    batch = x.shape[0]
+    return x, (batch, x.shape[1], math.prod(x.shape[2:])), (batch,) + x.shape[2:]
 
 
 # ---- linear_cross_entropy -------------------------------------------------------------------
@@ -319,12 +348,26 @@ def _options(options: Any) -> LinearCrossEntropyOptions:
     return options
 
 
-def linear_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any, weight: Any,
-                   reduction: Any, ignore_index: Any, label_smoothing: Any, options: Any,
-                   return_grad: bool, grad_output: Any, device: Any) -> LinearCrossEntropyRequest:
-    from . import gpu
+class LinearPart(NamedTuple):
+    """The checked linear part of a linear call (fields as the requests')."""
 
-    device = check_device(device)
+    input: np.ndarray
+    linear_weight: np.ndarray
+    linear_bias: Optional[np.ndarray]
+    in_features: int
+    chunk_rows: int
+    acc_f64: bool
+    max_weight_copy: int
+    grads: Optional[LinearCrossEntropyGrads]
+    batch: int
+    logits_shape: tuple
+    #: the per-sample shape: ``()`` unbatched, ``(N,)`` or ``(N, d1..dK)``
+    sample_shape: tuple
+    flops: float
+
+
+def _linear_part(input: Any, linear_weight: Any, linear_bias: Any, options: Any,
+                 return_grad: bool) -> LinearPart:
     options = _options(options)
     x = as_array("input", input)
     check_float_dtype("input", x)
@@ -336,13 +379,6 @@ def linear_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any
     batch, logits_shape = _linear_shapes(x, w, b)
     classes, d = w.shape[0], x.shape[-1]
     spatial = math.prod(w.shape[1:-1])
-    t = as_array("target", target)
-    if t.shape == logits_shape and ignore_index is not None:
-        raise ValueError("ignore_index: ignore_index cannot be specified when target contains probabilities")
-    loss_shape = () if x.ndim == 1 else (batch,) + tuple(w.shape[1:-1])
-    prob = problem(batch, classes, spatial, logits_shape, x.dtype, t, weight,
-                   -100 if ignore_index is None else ignore_index, reduction, label_smoothing,
-                   grad_output, loss_shape)
     g_dtype = options.compute_dtype(x.dtype)
     rows = options.chunk_rows(batch, d, classes, classes * spatial * g_dtype.itemsize)
     grads = None
@@ -350,13 +386,213 @@ def linear_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any
         grads = LinearCrossEntropyGrads(
             np.empty(x.shape, x.dtype), np.empty(w.shape, x.dtype), None if b is None else np.empty(b.shape, x.dtype)
         )
-    flops = 2.0 * batch * d * classes * spatial * (3 if return_grad else 1)
-    return LinearCrossEntropyRequest(
-        prob, readable(x).reshape(batch, d), readable(w), None if b is None else readable(b), d, rows,
+    return LinearPart(
+        readable(x).reshape(batch, d), readable(w), None if b is None else readable(b), d, rows,
         bool(g_dtype == np.float64 and x.dtype != np.float64), weight_copy_limit(), grads,
-        np.empty(loss_shape, x.dtype) if prob.reduction == "none" else None,
-        resolve_device(device, x.dtype, flops, gpu.AUTO_MIN_FLOPS),
+        batch, logits_shape, () if x.ndim == 1 else (batch,) + tuple(w.shape[1:-1]),
+        2.0 * batch * d * classes * spatial * (3 if return_grad else 1),
+    )
+
+
+def linear_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any, weight: Any,
+                   reduction: Any, ignore_index: Any, label_smoothing: Any, options: Any,
+                   return_grad: bool, grad_output: Any, device: Any, softcap: Any = None,
+                   z_loss: Any = 0.0) -> LinearCrossEntropyRequest:
+    from . import gpu
+
+    device = check_device(device)
+    lin = _linear_part(input, linear_weight, linear_bias, options, return_grad)
+    w, dtype = lin.linear_weight, lin.input.dtype
+    t = as_array("target", target)
+    if t.shape == lin.logits_shape and ignore_index is not None:
+        raise ValueError("ignore_index: ignore_index cannot be specified when target contains probabilities")
+    prob = problem(lin.batch, w.shape[0], math.prod(w.shape[1:-1]), lin.logits_shape, dtype, t, weight,
+                   -100 if ignore_index is None else ignore_index, reduction, label_smoothing,
+                   grad_output, lin.sample_shape, softcap, z_loss)
+    return LinearCrossEntropyRequest(
+        prob, *lin[:8],
+        np.empty(lin.sample_shape, dtype) if prob.reduction == "none" else None,
+        resolve_device(device, dtype, lin.flops, gpu.AUTO_MIN_FLOPS, _loss_cpu_only(prob)),
     )
 
 
 _DEFAULT_OPTIONS = LinearCrossEntropyOptions()
+
+
+# ---- token statistics --------------------------------------------------------------------
+
+STAT_NAMES = ("lse", "logprob", "entropy", "argmax", "rank", "topk_ids", "topk_logprobs")
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics (:func:`fusedce.token_stats`): arrays of the
+    target's shape (the per-token loss shape), the top-k with a trailing axis
+    of length ``top_k``; None for what was not asked for. Float arrays are
+    float32 (float64 for float64 input); indices are int64."""
+
+    lse: Optional[np.ndarray]
+    logprob: Optional[np.ndarray]
+    entropy: Optional[np.ndarray]
+    argmax: Optional[np.ndarray]
+    rank: Optional[np.ndarray]
+    topk_ids: Optional[np.ndarray]
+    topk_logprobs: Optional[np.ndarray]
+
+
+class StatsProblem(NamedTuple):
+    """What a statistics call computes (the statistics as flags)."""
+
+    batch: int
+    classes: int
+    spatial: int
+    #: int64 class indices of the per-token shape, or None
+    target: Optional[np.ndarray]
+    ignore_index: int
+    temperature: float
+    softcap: Optional[float]
+    top_k: int
+    lse: bool
+    logprob: bool
+    entropy: bool
+    argmax: bool
+    rank: bool
+    #: None (zero), a number, or float64 of the per-token shape
+    grad_logprob: Union[None, float, np.ndarray]
+    grad_entropy: Union[None, float, np.ndarray]
+
+
+class TokenStatsRequest(NamedTuple):
+    problem: StatsProblem
+    #: the logits, aligned and C-contiguous
+    input: np.ndarray
+    #: None, ``input`` itself (in place) or a buffer of its shape
+    grad: Optional[np.ndarray]
+    out: TokenStats
+    device: str
+
+
+class LinearTokenStatsRequest(NamedTuple):
+    problem: StatsProblem
+    input: np.ndarray
+    linear_weight: np.ndarray
+    linear_bias: Optional[np.ndarray]
+    in_features: int
+    chunk_rows: int
+    acc_f64: bool
+    max_weight_copy: int
+    grads: Optional[LinearCrossEntropyGrads]
+    out: TokenStats
+    device: str
+
+
+def _stat_flags(stats: Any, has_target: bool, top_k: int) -> Tuple[bool, ...]:
+    """``(lse, logprob, entropy, argmax, rank)`` asked for by ``stats``."""
+    if stats is None:
+        return (True, has_target, True, True, has_target)
+    if isinstance(stats, str) or not all(isinstance(n, str) for n in stats):
+        raise TypeError(f"stats: expected a collection of names from {STAT_NAMES}, got {stats!r}")
+    names = set(stats)
+    unknown = names - set(STAT_NAMES)
+    if unknown:
+        raise ValueError(f"stats: unknown statistics {sorted(unknown)}; expected names from {STAT_NAMES}")
+    if names & {"topk_ids", "topk_logprobs"} and top_k == 0:
+        raise ValueError("top_k: the top-k statistics need top_k > 0")
+    return tuple(n in names for n in STAT_NAMES[:5])
+
+
+def _upstream(arg: str, g: Any, shape: tuple) -> Union[None, float, np.ndarray]:
+    """A per-token upstream gradient: None, a number, or float64 of ``shape``."""
+    if g is None:
+        return None
+    a = as_array(arg, g)
+    if not (is_floating(a) or np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"{arg}: expected a number or a floating array, got dtype {a.dtype}")
+    if a.ndim == 0:
+        return float(a)
+    if a.shape != shape:
+        raise ValueError(f"{arg}: expected a scalar or the target's shape {shape_str(shape)}, got {shape_str(a.shape)}")
+    return readable(a, np.float64)
+
+
+def _stats_target(target: Any, shape: tuple) -> Optional[np.ndarray]:
+    if target is None:
+        return None
+    t = as_array("target", target)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"target: expected an integer array of class indices, got dtype {t.dtype}")
+    if t.shape != shape:
+        raise ValueError(f"target: expected class indices of shape {shape_str(shape)}, got {shape_str(t.shape)}")
+    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64.max:
+        raise IndexError(f"target: Target {int(t.max())} is out of bounds.")
+    return readable(t, np.int64)
+
+
+def stats_problem(dims: Tuple[int, int, int], shape: tuple, target: Any, temperature: Any, softcap: Any,
+                  ignore_index: Any, top_k: Any, stats: Any, return_grad: bool, grad_logprob: Any,
+                  grad_entropy: Any) -> StatsProblem:
+    """The checked statistics problem over logits of ``dims`` = ``(batch,
+    classes, spatial)``, whose per-token shape is ``shape``."""
+    if not return_grad and (grad_logprob is not None or grad_entropy is not None):
+        raise ValueError("grad_logprob: upstream gradients are given without return_grad=True")
+    t = _stats_target(target, shape)
+    k = int_arg("top_k", top_k)
+    if not 0 <= k <= dims[1]:
+        # checked here too (the core checks it) because it sizes the outputs
+        raise ValueError(f"top_k: expected a value in [0, {dims[1]}] (the number of classes), got {k}")
+    return StatsProblem(
+        *dims, t, int_arg("ignore_index", ignore_index), float_arg("temperature", temperature),
+        optional_float_arg("softcap", softcap), k, *_stat_flags(stats, t is not None, k),
+        _upstream("grad_logprob", grad_logprob, shape), _upstream("grad_entropy", grad_entropy, shape),
+    )
+
+
+def stats_outputs(p: StatsProblem, shape: tuple, dtype: np.dtype) -> TokenStats:
+    """New output arrays for what ``p`` asks for (float64 for float64 input)."""
+    f = np.float64 if dtype == np.float64 else np.float32
+
+    def new(on: bool, dt: Any, extra: tuple = ()) -> Optional[np.ndarray]:
+        return np.empty(shape + extra, dt) if on else None
+
+    top = p.top_k > 0
+    return TokenStats(
+        new(p.lse, f), new(p.logprob, f), new(p.entropy, f), new(p.argmax, np.int64), new(p.rank, np.int64),
+        new(top, np.int64, (p.top_k,)), new(top, f, (p.top_k,)),
+    )
+
+
+#: what the GPU shaders do not compute yet
+_STATS_CPU_ONLY = "token statistics"
+
+
+def token_stats_request(input: Any, target: Any, temperature: Any, softcap: Any, ignore_index: Any,
+                        top_k: Any, stats: Any, return_grad: bool, grad_logprob: Any, grad_entropy: Any,
+                        grad_out: Any, device: Any) -> TokenStatsRequest:
+    from . import gpu
+
+    device = check_device(device)
+    if grad_out is not None and not return_grad:
+        raise ValueError("grad_out: given without return_grad=True")
+    x, dims, shape = _logits(input)
+    p = stats_problem(dims, shape, target, temperature, softcap, ignore_index, top_k, stats, return_grad,
+                      grad_logprob, grad_entropy)
+    grad = _grad_buffer(grad_out, input, x) if return_grad else None
+    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS, _STATS_CPU_ONLY)
+    return TokenStatsRequest(p, x, grad, stats_outputs(p, shape, x.dtype), dev)
+
+
+def linear_stats_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any, options: Any,
+                         temperature: Any, softcap: Any, ignore_index: Any, top_k: Any, stats: Any,
+                         return_grad: bool, grad_logprob: Any, grad_entropy: Any,
+                         device: Any) -> LinearTokenStatsRequest:
+    from . import gpu
+
+    device = check_device(device)
+    w = as_array("linear_weight", linear_weight)
+    if w.ndim != 2:
+        raise ValueError(f"linear_weight: expected shape (C, in_features), got {shape_str(w.shape)}")
+    lin = _linear_part(input, w, linear_bias, options, return_grad)
+    dtype, shape = lin.input.dtype, lin.sample_shape
+    p = stats_problem((lin.batch, w.shape[0], 1), shape, target, temperature, softcap, ignore_index, top_k,
+                      stats, return_grad, grad_logprob, grad_entropy)
+    dev = resolve_device(device, dtype, lin.flops, gpu.AUTO_MIN_FLOPS, _STATS_CPU_ONLY)
+    return LinearTokenStatsRequest(p, *lin[:8], stats_outputs(p, shape, dtype), dev)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from ._request import (
     float_arg,
     int_arg,
     linear_request,
+    optional_float_arg,
     reduction_arg,
     weight_arg,
 )
@@ -21,13 +22,24 @@ from .functional import Reduction, cross_entropy, run_linear
 from .options import LinearCrossEntropyOptions
 
 
-def _loss_options(reduction: Any, label_smoothing: Any) -> Tuple[Reduction, float]:
+class _LossOptions(NamedTuple):
+    reduction: Reduction
+    label_smoothing: float
+    softcap: Optional[float]
+    z_loss: float
+
+
+def _loss_options(reduction: Any, label_smoothing: Any, softcap: Any, z_loss: Any) -> _LossOptions:
     """The options every loss module takes, checked at construction (their
     values by the core, as on every call)."""
-    red = reduction_arg(reduction)
-    ls = float_arg("label_smoothing", label_smoothing)
-    _native.check_options(red, ls)
-    return red, ls  # type: ignore[return-value]
+    opts = _LossOptions(
+        reduction_arg(reduction),  # type: ignore[arg-type]
+        float_arg("label_smoothing", label_smoothing),
+        optional_float_arg("softcap", softcap),
+        float_arg("z_loss", z_loss),
+    )
+    _native.check_options(*opts)
+    return opts
 
 
 class CrossEntropyLoss:
@@ -45,9 +57,13 @@ class CrossEntropyLoss:
         reduction: Reduction = "mean",
         label_smoothing: float = 0.0,
         *,
+        softcap: Optional[float] = None,
+        z_loss: float = 0.0,
         device: str = "cpu",
     ) -> None:
-        self.reduction, self.label_smoothing = _loss_options(reduction, label_smoothing)
+        self.reduction, self.label_smoothing, self.softcap, self.z_loss = _loss_options(
+            reduction, label_smoothing, softcap, z_loss
+        )
         self.weight: Optional[np.ndarray] = (
             None if weight is None else weight_arg(weight, int(np.shape(weight)[0]) if np.ndim(weight) == 1 else -1)
         )
@@ -58,7 +74,7 @@ class CrossEntropyLoss:
         """Loss of ``input`` (``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)``) against ``target``."""
         return cross_entropy(
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-            device=self.device,
+            device=self.device, softcap=self.softcap, z_loss=self.z_loss,
         )
 
     def value_and_grad(
@@ -73,13 +89,14 @@ class CrossEntropyLoss:
         return cross_entropy(
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
             return_grad=True, grad_output=grad_output, grad_out=grad_out, device=self.device,
+            softcap=self.softcap, z_loss=self.z_loss,
         )
 
     def __repr__(self) -> str:
         return (
             f"CrossEntropyLoss(weight={'None' if self.weight is None else f'<{self.weight.shape[0]} classes>'}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing})"
+            f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, z_loss={self.z_loss})"
         )
 
 
@@ -121,6 +138,8 @@ class LinearCrossEntropyLoss:
         options: Optional[LinearCrossEntropyOptions] = None,
         seed: Optional[int] = None,
         device: str = "cpu",
+        softcap: Optional[float] = None,
+        z_loss: float = 0.0,
     ) -> None:
         for name, v in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -130,7 +149,9 @@ class LinearCrossEntropyLoss:
             raise ValueError(f"out_features: expected non-negative sizes, got {out_features}")
         dt = np.dtype(dtype)
         check_float_dtype("dtype", np.empty(0, dtype=dt))
-        self.reduction, self.label_smoothing = _loss_options(reduction, label_smoothing)
+        self.reduction, self.label_smoothing, self.softcap, self.z_loss = _loss_options(
+            reduction, label_smoothing, softcap, z_loss
+        )
         if options is not None and not isinstance(options, LinearCrossEntropyOptions):
             raise TypeError(f"options: expected LinearCrossEntropyOptions or None, got {type(options).__name__}")
         self.in_features = int(in_features)
@@ -155,6 +176,7 @@ class LinearCrossEntropyLoss:
         req = linear_request(
             input, self.linear_weight, target, self.linear_bias, self.weight, self.reduction,
             self.ignore_index, self.label_smoothing, self.options, return_grad, grad_output, self.device,
+            self.softcap, self.z_loss,
         )
         if req.device == "gpu" and self._resident is None:
             from .gpu import ResidentWeight
@@ -179,5 +201,6 @@ class LinearCrossEntropyLoss:
             f"LinearCrossEntropyLoss(in_features={self.in_features}, num_classes={self.num_classes}, "
             f"out_features={self.out_features}, bias={self.linear_bias is not None}, "
             f"dtype={self.linear_weight.dtype}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, options={self.options})"
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"softcap={self.softcap}, z_loss={self.z_loss}, options={self.options})"
         )

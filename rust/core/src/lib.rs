@@ -18,7 +18,10 @@ pub mod threads;
 pub use ce::{cross_entropy, CrossEntropy, GradOutput, Io, Logits, Plan, Reduction, Targets};
 pub use elem::{Elem, ElemKind, Real};
 pub use error::CeError;
-pub use linear::{linear_cross_entropy, LinearCrossEntropy, LinearGrads};
+pub use linear::{
+    linear_cross_entropy, linear_token_stats, Linear, LinearCrossEntropy, LinearGrads,
+    LinearTokenStats,
+};
 pub use stats::{token_stats, StatsGrad, StatsOut, TokenStats, Upstream, Wanted};
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub(crate) struct Problem<'py> {
     ignore_index: i64,
     reduction: String,
     label_smoothing: f64,
+    softcap: Option<f64>,
+    z_loss: f64,
     grad_output: GradOutput<'py>,
 }
 
@@ -60,6 +62,8 @@ impl<'py, T: Storage> ProblemArrays<'py, T> {
             ignore_index: p.ignore_index,
             reduction: reduction(&p.reduction)?,
             label_smoothing: p.label_smoothing,
+            softcap: p.softcap,
+            z_loss: p.z_loss,
         };
         Ok((problem, self.grad_output.get()?))
     }

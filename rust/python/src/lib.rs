@@ -3,7 +3,8 @@
 //! Thin by design, one file per topic: `convert.rs` turns Python objects
 //! into what the core reads (typed `FromPyObject` values, borrowed numpy
 //! buffers, overlap checks), `error.rs` maps the core's errors onto Python
-//! exceptions, `cross_entropy.rs` and `linear.rs` run one operation each on
+//! exceptions, `cross_entropy.rs`, `linear.rs` and `stats.rs` run the
+//! operations on
 //! a request object built by the Python package, with the GIL released
 //! while the core computes. No math lives here.
 
@@ -11,6 +12,7 @@ mod convert;
 mod cross_entropy;
 mod error;
 mod linear;
+mod stats;
 
 use error::CoreError;
 use fusedce_core as core;
@@ -33,11 +35,17 @@ fn get_num_threads(py: Python<'_>) -> PyResult<usize> {
 }
 
 /// Checks the loss options a module is built with, as every call checks
-/// them: the reduction's name and `label_smoothing`'s range.
+/// them: the reduction's name, `label_smoothing`, `softcap` and `z_loss`.
 #[pyfunction]
-fn check_options(reduction: &str, label_smoothing: f64) -> PyResult<()> {
+#[pyo3(signature = (reduction, label_smoothing, softcap, z_loss))]
+fn check_options(
+    reduction: &str,
+    label_smoothing: f64,
+    softcap: Option<f64>,
+    z_loss: f64,
+) -> PyResult<()> {
     convert::reduction(reduction)?;
-    Ok(core::ce::check_label_smoothing(label_smoothing).map_err(CoreError)?)
+    Ok(core::ce::check_loss_options(label_smoothing, softcap, z_loss).map_err(CoreError)?)
 }
 
 /// The SIMD instruction set the kernels run on ("avx512", "avx2+fma", "scalar").
@@ -52,6 +60,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cross_entropy::plan, m)?)?;
     m.add_class::<cross_entropy::TargetPlan>()?;
     m.add_function(wrap_pyfunction!(linear::linear_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(stats::token_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(stats::linear_token_stats, m)?)?;
     m.add_function(wrap_pyfunction!(check_options, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;

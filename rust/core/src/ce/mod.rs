@@ -7,9 +7,7 @@ pub mod io;
 pub mod plan;
 
 pub use io::{Io, Logits};
-pub use plan::{
-    check_label_smoothing, CrossEntropy, GradOutput, Plan, Reduction, Targets, IGNORED,
-};
+pub use plan::{check_loss_options, CrossEntropy, GradOutput, Plan, Reduction, Targets, IGNORED};
 
 use crate::elem::Elem;
 use crate::error::CeError;

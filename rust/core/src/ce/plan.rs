@@ -8,7 +8,7 @@
 
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
-use crate::kernels::transform::Transform;
+use crate::kernels::transform::{check_positive, Transform};
 use crate::kernels::{Consts, SampleTarget};
 
 /// How per-sample losses are combined, as PyTorch's `reduction`.
@@ -123,11 +123,27 @@ pub(crate) fn check_len(
 }
 
 /// `label_smoothing` in `[0, 1]`.
-pub fn check_label_smoothing(eps: f64) -> Result<(), CeError> {
+fn check_label_smoothing(eps: f64) -> Result<(), CeError> {
     if !(0.0..=1.0).contains(&eps) {
         return Err(CeError::invalid(
             "label_smoothing",
             format!("must be between 0.0 and 1.0, got {eps}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The loss's options: `label_smoothing` in `[0, 1]`, `softcap` positive
+/// and finite (or absent), `z_loss` finite and `>= 0`.
+pub fn check_loss_options(eps: f64, softcap: Option<f64>, z_loss: f64) -> Result<(), CeError> {
+    check_label_smoothing(eps)?;
+    if let Some(c) = softcap {
+        check_positive("softcap", c)?;
+    }
+    if !(z_loss.is_finite() && z_loss >= 0.0) {
+        return Err(CeError::invalid(
+            "z_loss",
+            format!("expected a finite number >= 0, got {z_loss}"),
         ));
     }
     Ok(())
@@ -150,13 +166,7 @@ impl<'a, F: Real> Plan<'a, F> {
                 "expected at least one class, got C = 0",
             ));
         }
-        check_label_smoothing(p.label_smoothing)?;
-        if !(p.z_loss.is_finite() && p.z_loss >= 0.0) {
-            return Err(CeError::invalid(
-                "z_loss",
-                format!("expected a finite number >= 0, got {}", p.z_loss),
-            ));
-        }
+        check_loss_options(p.label_smoothing, p.softcap, p.z_loss)?;
         let transform = Transform::new(p.softcap, 1.0)?;
         if let Some(w) = p.weight {
             check_len("weight", w.len(), c, "one weight per class")?;

@@ -1,0 +1,300 @@
+//! `token_stats` and `linear_token_stats`.
+
+use crate::convert::{
+    borrow_io, by_dtype, check_disjoint, io_slices, read, slice, slice_mut, span, write, Dtype,
+    GradOutput, Storage,
+};
+use crate::error::CoreError;
+use crate::linear::{check_linear_disjoint, LinearArrays, LinearFields};
+use fusedce_core::simd::Compute;
+use fusedce_core::{self as core, Io};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use pyo3::prelude::*;
+use std::ops::Range;
+
+/// `fusedce._request.StatsProblem`: shapes, targets, the score map, what is
+/// asked for, and the upstream gradients.
+#[derive(FromPyObject)]
+pub(crate) struct StatsProblem<'py> {
+    batch: usize,
+    classes: usize,
+    spatial: usize,
+    target: Option<Bound<'py, PyArrayDyn<i64>>>,
+    ignore_index: i64,
+    temperature: f64,
+    softcap: Option<f64>,
+    top_k: usize,
+    lse: bool,
+    logprob: bool,
+    entropy: bool,
+    argmax: bool,
+    rank: bool,
+    grad_logprob: Option<GradOutput<'py>>,
+    grad_entropy: Option<GradOutput<'py>>,
+}
+
+/// `fusedce._request.StatsOutputs`: float outputs are float32 (float64 for
+/// float64 input), indices int64; None for what was not asked for.
+#[derive(FromPyObject)]
+pub(crate) struct StatsOutputs<'py> {
+    lse: Option<Bound<'py, PyAny>>,
+    logprob: Option<Bound<'py, PyAny>>,
+    entropy: Option<Bound<'py, PyAny>>,
+    argmax: Option<Bound<'py, PyAny>>,
+    rank: Option<Bound<'py, PyAny>>,
+    topk_ids: Option<Bound<'py, PyAny>>,
+    topk_logprobs: Option<Bound<'py, PyAny>>,
+}
+
+/// The problem's arrays, borrowed.
+struct ProblemArrays<'py> {
+    target: Option<PyReadonlyArrayDyn<'py, i64>>,
+    grad_logprob: Upstream<'py>,
+    grad_entropy: Upstream<'py>,
+}
+
+enum Upstream<'py> {
+    Zero,
+    Scalar(f64),
+    PerToken(PyReadonlyArrayDyn<'py, f64>),
+}
+
+impl<'py> Upstream<'py> {
+    fn borrow(arg: &str, g: &Option<GradOutput<'py>>) -> PyResult<Self> {
+        Ok(match g {
+            None => Upstream::Zero,
+            Some(GradOutput::Scalar(v)) => Upstream::Scalar(*v),
+            Some(GradOutput::PerSample(a)) => Upstream::PerToken(read(arg, a)?),
+        })
+    }
+
+    fn get(&self, arg: &str) -> PyResult<core::Upstream<'_>> {
+        Ok(match self {
+            Upstream::Zero => core::Upstream::Zero,
+            Upstream::Scalar(v) => core::Upstream::Scalar(*v),
+            Upstream::PerToken(a) => core::Upstream::PerToken(slice(arg, a)?),
+        })
+    }
+}
+
+impl<'py> ProblemArrays<'py> {
+    fn borrow(p: &StatsProblem<'py>) -> PyResult<Self> {
+        Ok(ProblemArrays {
+            target: p.target.as_ref().map(|t| read("target", t)).transpose()?,
+            grad_logprob: Upstream::borrow("grad_logprob", &p.grad_logprob)?,
+            grad_entropy: Upstream::borrow("grad_entropy", &p.grad_entropy)?,
+        })
+    }
+
+    fn core(&self, p: &StatsProblem<'_>) -> PyResult<(core::TokenStats<'_>, core::StatsGrad<'_>)> {
+        let stats = core::TokenStats {
+            batch: p.batch,
+            classes: p.classes,
+            spatial: p.spatial,
+            targets: self
+                .target
+                .as_ref()
+                .map(|t| slice("target", t))
+                .transpose()?,
+            ignore_index: p.ignore_index,
+            temperature: p.temperature,
+            softcap: p.softcap,
+            top_k: p.top_k,
+            wanted: core::Wanted {
+                lse: p.lse,
+                logprob: p.logprob,
+                entropy: p.entropy,
+                argmax: p.argmax,
+                rank: p.rank,
+            },
+        };
+        let grad = core::StatsGrad {
+            logprob: self.grad_logprob.get("grad_logprob")?,
+            entropy: self.grad_entropy.get("grad_entropy")?,
+        };
+        Ok((stats, grad))
+    }
+
+    fn spans(&self) -> PyResult<Vec<(&'static str, Range<usize>)>> {
+        let mut v = Vec::new();
+        if let Some(t) = &self.target {
+            v.push(("target", span(slice("target", t)?)));
+        }
+        for (arg, u) in [
+            ("grad_logprob", &self.grad_logprob),
+            ("grad_entropy", &self.grad_entropy),
+        ] {
+            if let Upstream::PerToken(a) = u {
+                v.push((arg, span(slice(arg, a)?)));
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// The output buffers, borrowed for writing.
+struct OutArrays<'py, O: numpy::Element> {
+    lse: Option<PyReadwriteArrayDyn<'py, O>>,
+    logprob: Option<PyReadwriteArrayDyn<'py, O>>,
+    entropy: Option<PyReadwriteArrayDyn<'py, O>>,
+    argmax: Option<PyReadwriteArrayDyn<'py, i64>>,
+    rank: Option<PyReadwriteArrayDyn<'py, i64>>,
+    topk_ids: Option<PyReadwriteArrayDyn<'py, i64>>,
+    topk_logprobs: Option<PyReadwriteArrayDyn<'py, O>>,
+}
+
+fn borrow_out<'py, E: numpy::Element>(
+    arg: &str,
+    a: &Option<Bound<'py, PyAny>>,
+) -> PyResult<Option<PyReadwriteArrayDyn<'py, E>>> {
+    a.as_ref()
+        .map(|a| {
+            let arr = a.cast::<PyArrayDyn<E>>().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "{arg}: expected a numpy array of {}",
+                    std::any::type_name::<E>()
+                ))
+            })?;
+            write(arg, arr)
+        })
+        .transpose()
+}
+
+fn out_slice<'a, E: numpy::Element>(
+    arg: &str,
+    a: &'a mut Option<PyReadwriteArrayDyn<'_, E>>,
+) -> PyResult<Option<&'a mut [E]>> {
+    a.as_mut().map(|a| slice_mut(arg, a)).transpose()
+}
+
+impl<'py, O: numpy::Element> OutArrays<'py, O> {
+    fn borrow(o: &StatsOutputs<'py>) -> PyResult<Self> {
+        Ok(OutArrays {
+            lse: borrow_out("lse", &o.lse)?,
+            logprob: borrow_out("logprob", &o.logprob)?,
+            entropy: borrow_out("entropy", &o.entropy)?,
+            argmax: borrow_out("argmax", &o.argmax)?,
+            rank: borrow_out("rank", &o.rank)?,
+            topk_ids: borrow_out("topk_ids", &o.topk_ids)?,
+            topk_logprobs: borrow_out("topk_logprobs", &o.topk_logprobs)?,
+        })
+    }
+
+    fn slices(&mut self) -> PyResult<core::StatsOut<'_, O>> {
+        Ok(core::StatsOut {
+            lse: out_slice("lse", &mut self.lse)?,
+            logprob: out_slice("logprob", &mut self.logprob)?,
+            entropy: out_slice("entropy", &mut self.entropy)?,
+            argmax: out_slice("argmax", &mut self.argmax)?,
+            rank: out_slice("rank", &mut self.rank)?,
+            topk_ids: out_slice("topk_ids", &mut self.topk_ids)?,
+            topk_logprobs: out_slice("topk_logprobs", &mut self.topk_logprobs)?,
+        })
+    }
+}
+
+/// The memory of every output buffer.
+fn out_spans<O>(o: &core::StatsOut<'_, O>) -> Vec<(&'static str, Range<usize>)> {
+    let mut v = Vec::new();
+    let mut add = |arg, s: Option<Range<usize>>| {
+        if let Some(s) = s {
+            v.push((arg, s));
+        }
+    };
+    add("lse", o.lse.as_deref().map(span));
+    add("logprob", o.logprob.as_deref().map(span));
+    add("entropy", o.entropy.as_deref().map(span));
+    add("argmax", o.argmax.as_deref().map(span));
+    add("rank", o.rank.as_deref().map(span));
+    add("topk_ids", o.topk_ids.as_deref().map(span));
+    add("topk_logprobs", o.topk_logprobs.as_deref().map(span));
+    v
+}
+
+/// `fusedce._request.TokenStatsRequest`.
+#[derive(FromPyObject)]
+pub(crate) struct StatsRequest<'py> {
+    problem: StatsProblem<'py>,
+    input: Bound<'py, PyAny>,
+    /// None, the input itself (in place), or a buffer of its shape.
+    grad: Option<Bound<'py, PyAny>>,
+    out: StatsOutputs<'py>,
+}
+
+/// Per-token statistics of a `TokenStatsRequest` (built and checked by
+/// `fusedce.token_stats`), written to `request.out`; the gradient goes to
+/// `request.grad` when given.
+#[pyfunction]
+pub(crate) fn token_stats(py: Python<'_>, request: StatsRequest<'_>) -> PyResult<()> {
+    macro_rules! go {
+        ($t:ty) => {
+            run::<$t>(py, &request)
+        };
+    }
+    by_dtype!(Dtype::of("input", &request.input)?, go)
+}
+
+fn run<T: Storage>(py: Python<'_>, r: &StatsRequest<'_>) -> PyResult<()>
+where
+    T::Acc: Compute + numpy::Element,
+{
+    let arrays = ProblemArrays::borrow(&r.problem)?;
+    let mut io = borrow_io::<T>(&r.input, r.grad.as_ref())?;
+    let mut outs = OutArrays::<T::Acc>::borrow(&r.out)?;
+    let (stats, grad) = arrays.core(&r.problem)?;
+    let io = io_slices::<T>(&mut io)?;
+    let out = outs.slices()?;
+    let mut inputs = arrays.spans()?;
+    let mut outputs = out_spans(&out);
+    match &io {
+        Io::Forward(x) => inputs.push(("input", span(x))),
+        Io::Grad(x, g) => {
+            inputs.push(("input", span(x)));
+            outputs.push(("grad_out", span(g)));
+        }
+        Io::InPlace(x) => outputs.push(("input", span(x))),
+    }
+    check_disjoint(&outputs, &inputs)?;
+    Ok(py
+        .detach(move || core::token_stats(&stats, io, grad, out))
+        .map_err(CoreError)?)
+}
+
+/// The statistics part of a `LinearTokenStatsRequest`.
+#[derive(FromPyObject)]
+struct StatsFields<'py> {
+    problem: StatsProblem<'py>,
+    out: StatsOutputs<'py>,
+}
+
+/// Per-token statistics of the logits of a linear layer, from a
+/// `LinearTokenStatsRequest` (built and checked by
+/// `fusedce.linear_token_stats`); gradients go to `request.grads`.
+#[pyfunction]
+pub(crate) fn linear_token_stats(py: Python<'_>, request: &Bound<'_, PyAny>) -> PyResult<()> {
+    let linear: LinearFields<'_> = request.extract()?;
+    let stats: StatsFields<'_> = request.extract()?;
+    macro_rules! go {
+        ($t:ty) => {
+            run_linear::<$t>(py, &linear, &stats)
+        };
+    }
+    by_dtype!(Dtype::of("input", linear.input())?, go)
+}
+
+fn run_linear<T: Storage>(py: Python<'_>, f: &LinearFields<'_>, r: &StatsFields<'_>) -> PyResult<()>
+where
+    T::Acc: numpy::Element,
+{
+    let arrays = ProblemArrays::borrow(&r.problem)?;
+    let mut lin = LinearArrays::<T>::borrow(f)?;
+    let mut outs = OutArrays::<T::Acc>::borrow(&r.out)?;
+    let (stats, grad) = arrays.core(&r.problem)?;
+    let (linear, grads) = lin.core(f, (stats.batch, stats.classes, stats.spatial))?;
+    let out = outs.slices()?;
+    check_linear_disjoint(arrays.spans()?, &linear, grads.as_ref(), out_spans(&out))?;
+    let problem = core::LinearTokenStats { linear, stats };
+    Ok(py
+        .detach(move || core::linear_token_stats(&problem, grad, grads, out))
+        .map_err(CoreError)?)
+}
