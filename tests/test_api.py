@@ -254,3 +254,26 @@ def test_module_matches_functional():
     assert "CrossEntropyLoss(" in repr(mod)
     with pytest.raises(ValueError, match="reduction"):
         fusedce.CrossEntropyLoss(reduction="avg")
+
+
+def test_softcap_and_z_loss_options_of_the_modules():
+    x = np.random.default_rng(4).normal(size=(6, 11)).astype(np.float32) * 5
+    t = np.array([0, 3, -100, 10, 2, 2])
+    m = fusedce.CrossEntropyLoss(softcap=2.0, z_loss=0.1)
+    loss, grad = m.value_and_grad(x, t)
+    want, wgrad = fusedce.cross_entropy(x, t, softcap=2.0, z_loss=0.1, return_grad=True)
+    assert loss == want and np.array_equal(grad, wgrad)
+    assert loss != fusedce.cross_entropy(x, t)
+    for kw, arg in ((dict(softcap=0.0), "softcap"), (dict(softcap=-1.0), "softcap"),
+                    (dict(z_loss=-0.1), "z_loss"), (dict(z_loss=float("nan")), "z_loss")):
+        with pytest.raises(ValueError, match=arg):
+            fusedce.CrossEntropyLoss(**kw)
+        with pytest.raises(ValueError, match=arg):
+            fusedce.cross_entropy(x, t, **kw)
+        with pytest.raises(ValueError, match=arg):
+            fusedce.LinearCrossEntropyLoss(4, 3, **kw)
+    lm = fusedce.LinearCrossEntropyLoss(11, 5, softcap=1.5, z_loss=1e-2, seed=0)
+    got = lm(x, np.array([0, 1, 2, 3, 4, 0]))
+    want = fusedce.linear_cross_entropy(x, lm.linear_weight, np.array([0, 1, 2, 3, 4, 0]), softcap=1.5, z_loss=1e-2)
+    assert got == want
+

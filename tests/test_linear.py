@@ -23,7 +23,7 @@ DTYPES = {
 
 
 def linear_cross_entropy_ref(x, w, t, b=None, weight=None, ignore_index=None, reduction="mean",
-                             label_smoothing=0.0, grad_output=None):
+                             label_smoothing=0.0, grad_output=None, softcap=None, z_loss=0.0):
     """(loss, dx, dw, db, dlogits) in float64, from the definition: logits built in full."""
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
@@ -37,7 +37,7 @@ def linear_cross_entropy_ref(x, w, t, b=None, weight=None, ignore_index=None, re
     if x.ndim == 1:
         logits = logits[0]
     ii = -100 if ignore_index is None else ignore_index
-    loss, dl = cross_entropy_ref(logits, t, weight, ii, reduction, label_smoothing, grad_output)
+    loss, dl = cross_entropy_ref(logits, t, weight, ii, reduction, label_smoothing, grad_output, softcap, z_loss)
     dl2 = dl.reshape(xb.shape[0], w2.shape[0])
     dx = (dl2 @ w2).reshape(x.shape)
     dw = (dl2.T @ xb).reshape(w.shape)
@@ -92,7 +92,8 @@ def problems(draw):
     rows = draw(st.integers(1, max(1, n)))
     acc = draw(st.sampled_from([None, "float64"])) if dtype != "float64" else None
     return dict(x=x, w=w, b=b, t=t, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=ls, grad_output=go, rows=rows, acc=acc, tol=tol)
+                label_smoothing=ls, grad_output=go, rows=rows, acc=acc, tol=tol,
+                softcap=draw(st.sampled_from([None, None, 3.0])), z_loss=draw(st.sampled_from([0.0, 0.0, 0.01])))
 
 
 def _close(name, got, want, tol, mag=None):
@@ -109,7 +110,7 @@ def _close(name, got, want, tol, mag=None):
 @given(problems())
 def test_matches_float64_reference(p):
     kw = dict(weight=p["weight"], ignore_index=p["ignore_index"], reduction=p["reduction"],
-              label_smoothing=p["label_smoothing"])
+              label_smoothing=p["label_smoothing"], softcap=p["softcap"], z_loss=p["z_loss"])
     x, w, b, t = p["x"], p["w"], p["b"], p["t"]
     want = linear_cross_entropy_ref(x, w, t, b, grad_output=p["grad_output"], **kw)
     opts = fusedce.LinearCrossEntropyOptions(batch_chunk_size=p["rows"], acc_dtype=p["acc"])

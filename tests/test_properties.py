@@ -58,8 +58,10 @@ def problems(draw):
     go = None
     if draw(st.booleans()):
         go = rng.normal(size=loss_shape) if reduction == "none" else float(rng.normal())
+    softcap = draw(st.sampled_from([None, None, 2.0, 20.0]))
+    z_loss = draw(st.sampled_from([0.0, 0.0, 1e-3, 0.5]))
     return dict(x=x, t=t, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=ls, grad_output=go, rtol=rtol, atol=atol)
+                label_smoothing=ls, grad_output=go, softcap=softcap, z_loss=z_loss, rtol=rtol, atol=atol)
 
 
 def _close(got, want, rtol, atol, scale=1.0):
@@ -73,12 +75,13 @@ def _close(got, want, rtol, atol, scale=1.0):
 def test_matches_float64_reference(p):
     x, t = p["x"], p["t"]
     x_ref = x.astype(np.float64)
+    opts = dict(softcap=p["softcap"], z_loss=p["z_loss"])
     want_loss, want_grad = cross_entropy_ref(
-        x_ref, t, p["weight"], p["ignore_index"], p["reduction"], p["label_smoothing"], p["grad_output"]
+        x_ref, t, p["weight"], p["ignore_index"], p["reduction"], p["label_smoothing"], p["grad_output"], **opts
     )
     loss, grad = fusedce.cross_entropy(
         x, t, p["weight"], p["ignore_index"], p["reduction"], p["label_smoothing"],
-        return_grad=True, grad_output=p["grad_output"],
+        return_grad=True, grad_output=p["grad_output"], **opts,
     )
     assert loss.dtype == x.dtype and grad.dtype == x.dtype and grad.shape == x.shape
     mag = float(np.nanmax(np.abs(want_loss))) if np.size(want_loss) and np.isfinite(want_loss).any() else 1.0
@@ -86,5 +89,5 @@ def test_matches_float64_reference(p):
     gmag = 1.0 if p["grad_output"] is None else float(np.max(np.abs(p["grad_output"]), initial=1.0))
     wmag = 1.0 if p["weight"] is None else 2.0
     _close(grad, want_grad, p["rtol"], p["atol"], gmag * wmag)
-    fwd = fusedce.cross_entropy(x, t, p["weight"], p["ignore_index"], p["reduction"], p["label_smoothing"])
+    fwd = fusedce.cross_entropy(x, t, p["weight"], p["ignore_index"], p["reduction"], p["label_smoothing"], **opts)
     np.testing.assert_array_equal(np.atleast_1d(fwd).view(np.uint8), np.atleast_1d(loss).view(np.uint8))

@@ -124,8 +124,6 @@ pub trait Real:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INFINITY: Self;
-    /// The lowest finite value.
-    const LOWEST: Self;
     fn ln(self) -> Self;
     fn tanh(self) -> Self;
     fn cosh(self) -> Self;
@@ -140,7 +138,6 @@ impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    const LOWEST: Self = f32::MIN;
     #[inline(always)]
     fn ln(self) -> Self {
         f32::ln(self)
@@ -181,7 +178,6 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    const LOWEST: Self = f64::MIN;
     #[inline(always)]
     fn ln(self) -> Self {
         f64::ln(self)

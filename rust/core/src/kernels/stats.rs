@@ -6,11 +6,14 @@
 //! * `entropy = ln s + Σ e·(-d) / s`: two non-negative terms, so no
 //!   cancellation at any class count (`lse - Σ p z` loses two orders of
 //!   magnitude in float32 at 50k classes). A class with `z = -inf` has
-//!   `e = 0`; its `d` is clamped to the lowest finite value so that it
+//!   `e = 0`; its `d` is clamped to [`D_FLOOR`] so that it
 //!   contributes `0`, not `0 · inf`;
 //! * `argmax`: the first class holding the maximum (a NaN counts as the
 //!   largest); `rank`: classes with `z > z_y`; top-k: the `k` largest,
-//!   ties to the lower index (NaN the largest, as PyTorch's `topk`).
+//!   ties to the lower index (NaN the largest, as PyTorch's `topk`). These
+//!   three are taken on the logits `x` (the scores are a strictly increasing
+//!   map of them, which rounding could make merely non-decreasing: a
+//!   saturated `tanh` would turn distinct logits into ties).
 //! * gradient: `G_c = p_c (ge (μ - d_c) - gl) + gl [c = y]`, with
 //!   `p = e / s` and `μ = Σ p d = -(entropy - ln s)`.
 //!
@@ -26,6 +29,13 @@ use super::GradAccess;
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
 use crate::simd::Lanes;
+
+/// The floor `d = z - m` is clamped to where it multiplies `e`: below it
+/// `e = exp(d)` is exactly 0 in both compute types, so the clamp changes no
+/// non-zero term, and a masked class (`d = -inf`) contributes `0 · D_FLOOR
+/// = 0` instead of `0 · inf = NaN` (a floor this modest keeps `ge · d`
+/// finite for any reasonable upstream gradient).
+const D_FLOOR: f64 = -1.0e4;
 
 /// Classes per block of the argmax search.
 const ARG_BLOCK: usize = 256;
@@ -47,9 +57,8 @@ pub(crate) struct RowStats<F> {
     pub entropy: F,
     pub argmax: usize,
     pub rank: i64,
-    /// What the gradient pass needs: `m`, `ln s`, `1 / s`, `μ`.
+    /// What the gradient pass needs: `m`, `1 / s`, `μ`.
     pub m: F,
-    pub ln_s: F,
     pub inv_s: F,
     pub mu: F,
 }
@@ -199,7 +208,8 @@ fn exp_sums<L: Lanes, T: Elem>(
     entropy: bool,
 ) -> (L::F, L::F) {
     let n = L::N;
-    let (zero, mv, lowest) = (l.splat(L::F::ZERO), l.splat(m), l.splat(L::F::LOWEST));
+    let (zero, mv) = (l.splat(L::F::ZERO), l.splat(m));
+    let floor = l.splat(L::F::from_f64(D_FLOOR));
     let (mut s, mut t) = (zero, zero);
     let mut b0 = lo;
     while b0 < hi {
@@ -212,7 +222,7 @@ fn exp_sums<L: Lanes, T: Elem>(
             bs = l.add(bs, e);
             if entropy {
                 // -d >= 0; a masked class (d = -inf) has e = 0: clamp d.
-                let dc = l.max(d, lowest);
+                let dc = l.max(d, floor);
                 bt = l.mul_add(e, l.sub(zero, dc), bt);
             }
             i += n;
@@ -292,19 +302,37 @@ fn top_k<L: Lanes, T: Elem>(l: L, z: &[T], k: usize, sc: &mut Scratch<L::F>) {
     }
 }
 
-/// The statistics of the row `z` (`y`: the target class, if any and not
-/// ignored). The top-k, when asked for, is left in `sc.top`.
+/// The row's two views: the scores `z` (for `lse`, `logprob`, `entropy`,
+/// the gradient) and the logits `x` they are a strictly increasing map of
+/// (for `argmax`, `rank`, top-k: ties are exact ties of the input). Without
+/// a map they are one slice.
+#[derive(Clone, Copy)]
+pub(crate) struct Row<'r, T> {
+    pub z: &'r [T],
+    pub x: &'r [T],
+}
+
+impl<T> Row<'_, T> {
+    fn mapped(&self) -> bool {
+        !std::ptr::eq(self.z, self.x)
+    }
+}
+
+/// The statistics of a row (`y`: the target class, if any and not
+/// ignored). The top-k, when asked for, is left in `sc.top` as
+/// `(logprob, class)`, best first.
 #[inline(always)]
 pub(crate) fn row<L: Lanes, T: Elem>(
     l: L,
-    z: &[T],
+    r: Row<'_, T>,
     y: Option<usize>,
     want: Want,
     sc: &mut Scratch<L::F>,
 ) -> RowStats<L::F> {
-    let c = z.len();
+    let (z, c) = (r.z, r.z.len());
     let body = c - c % L::N;
-    let m = max_pass(l, z, want.argmax.then_some(&mut sc.block_max));
+    let argmax_on_z = want.argmax && !r.mapped();
+    let m = max_pass(l, z, argmax_on_z.then_some(&mut sc.block_max));
     let (s1, t1) = exp_sums(l, z, 0, body, m, want.entropy);
     let (s2, t2) = exp_sums(l.tail(), z, body, c, m, want.entropy);
     let (s, t) = (s1 + s2, t1 + t2);
@@ -316,29 +344,23 @@ pub(crate) fn row<L: Lanes, T: Elem>(
     } else {
         m + ln_s
     };
-    let regular = !s.is_nan();
-    let mut argmax = 0;
-    if !regular && (want.argmax || want.top_k > 0) {
-        argmax = scalar_order(z, want.top_k, sc);
-    } else {
-        if want.argmax {
-            argmax = first_max(z, m, &sc.block_max);
-        }
-        if want.top_k > 0 {
-            top_k(l, z, want.top_k, sc);
-        }
-    }
-    if want.top_k > 0 {
-        sc.finish_top();
-    }
+    // s is NaN when a score is NaN (then so is its logit) or +inf
+    let argmax = order_stats(l, r, m, !s.is_nan(), want, sc);
     let (logprob, rank) = match y {
         Some(y) => {
-            let zy = L::F::from_elem(z[y]);
-            let rank = if want.rank { count_above(l, z, zy) } else { 0 };
-            ((zy - m) - ln_s, rank)
+            let xy = L::F::from_elem(r.x[y]);
+            let rank = if want.rank {
+                count_above(l, r.x, xy)
+            } else {
+                0
+            };
+            ((L::F::from_elem(z[y]) - m) - ln_s, rank)
         }
         None => (L::F::ZERO, -1),
     };
+    for v in sc.top.iter_mut() {
+        v.0 = (L::F::from_elem(z[v.1 as usize]) - m) - ln_s;
+    }
     RowStats {
         lse,
         logprob,
@@ -346,16 +368,44 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         argmax,
         rank,
         m,
-        ln_s,
         inv_s,
         mu: L::F::ZERO - t * inv_s,
     }
 }
 
-/// `log p` of a score, as `logprob` is computed.
+/// The argmax (0 when not wanted) and the top-k (in `sc.top`, by logit) of
+/// the row's logits; `m_z`: the scores' maximum; `regular`: no NaN and no
+/// `+inf` among the scores.
 #[inline(always)]
-pub(crate) fn logprob_of<F: Real>(st: &RowStats<F>, z: F) -> F {
-    (z - st.m) - st.ln_s
+fn order_stats<L: Lanes, T: Elem>(
+    l: L,
+    r: Row<'_, T>,
+    m_z: L::F,
+    regular: bool,
+    want: Want,
+    sc: &mut Scratch<L::F>,
+) -> usize {
+    let mut argmax = 0;
+    sc.top.clear();
+    if !regular && (want.argmax || want.top_k > 0) {
+        argmax = scalar_order(r.x, want.top_k, sc);
+    } else {
+        if want.argmax {
+            let m = if r.mapped() {
+                max_pass(l, r.x, Some(&mut sc.block_max))
+            } else {
+                m_z
+            };
+            argmax = first_max(r.x, m, &sc.block_max);
+        }
+        if want.top_k > 0 {
+            top_k(l, r.x, want.top_k, sc);
+        }
+    }
+    if want.top_k > 0 {
+        sc.finish_top();
+    }
+    argmax
 }
 
 /// Writes the gradient of `gl · logprob + ge · entropy` with respect to the
@@ -376,13 +426,13 @@ pub(crate) fn gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     grad_pass(l.tail(), acc, body, c, st, a, ge);
     if let Some(y) = y {
         let e_y = exp_at(l, acc.x(0), body, y, st.m);
-        let d_y = (L::F::from_elem(acc.x(y)[0]) - st.m).max_nan(L::F::LOWEST);
+        let d_y = (L::F::from_elem(acc.x(y)[0]) - st.m).max_nan(L::F::from_f64(D_FLOOR));
         let g = e_y * st.inv_s * (a - ge * d_y) + gl;
         acc.g(y)[0] = g.to_elem();
     }
 }
 
-/// `G = e / s · (a - ge · max(d, lowest))` over `lo..hi`.
+/// `G = e / s · (a - ge · max(d, D_FLOOR))` over `lo..hi`.
 #[inline(always)]
 fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     l: L,
@@ -394,12 +444,12 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     ge: L::F,
 ) {
     let (mv, inv, av, gev) = (l.splat(st.m), l.splat(st.inv_s), l.splat(a), l.splat(ge));
-    let lowest = l.splat(L::F::LOWEST);
+    let floor = l.splat(L::F::from_f64(D_FLOOR));
     let mut i = lo;
     while i + L::N <= hi {
         let d = l.sub(l.load(acc.x(i)), mv);
         let p = l.mul(l.exp(d), inv);
-        let dc = l.max(d, lowest);
+        let dc = l.max(d, floor);
         let g = l.mul(p, l.sub(av, l.mul(gev, dc)));
         l.store(g, acc.g(i));
         i += L::N;

@@ -12,7 +12,7 @@ use crate::ce::{Io, Logits};
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
 use crate::kernels::columns::Shared;
-use crate::kernels::stats::{self, logprob_of, RowStats, Scratch};
+use crate::kernels::stats::{self, Row, RowStats, Scratch};
 use crate::kernels::transform::{gather, scatter, Strided};
 use crate::kernels::{Same, Separate};
 use crate::simd::{Compute, Lanes, Task};
@@ -21,10 +21,11 @@ use crate::threads::{filled, PerThread};
 /// Logits per work item.
 const ITEM_ELEMS: usize = 1 << 16;
 
-/// One thread's buffers: the kernel's scratch, and the gathered scores and
-/// their gradient.
+/// One thread's buffers: the kernel's scratch, and a gathered sample's
+/// logits, scores and their gradient.
 pub(crate) struct ThreadBufs<F> {
     kernel: Scratch<F>,
+    x: Vec<F>,
     z: Vec<F>,
     dz: Vec<F>,
 }
@@ -37,6 +38,7 @@ impl<F: Real> ThreadBufs<F> {
         let row = |on: bool| filled(if on { c } else { 0 }, F::ZERO, "a row of scores");
         Ok(ThreadBufs {
             kernel,
+            x: row(gathered)?,
             z: row(gathered)?,
             dz: row(gathered && grad)?,
         })
@@ -83,7 +85,7 @@ impl<O: Elem> Outs<O> {
         }
     }
 
-    /// Writes sample `j`'s results.
+    /// Writes sample `j`'s results (`top`: the top-k as `(logprob, class)`).
     fn write<F: Real>(&self, j: usize, st: &RowStats<F>, top: &[(F, u32)]) {
         fn put<V: Copy>(s: &Option<Shared<V>>, at: usize, v: V) {
             if let Some(s) = s {
@@ -98,9 +100,9 @@ impl<O: Elem> Outs<O> {
         put(&self.argmax, j, st.argmax as i64);
         put(&self.rank, j, st.rank);
         let k = top.len();
-        for (q, &(z, id)) in top.iter().enumerate() {
+        for (q, &(lp, id)) in top.iter().enumerate() {
             put(&self.topk_ids, j * k + q, i64::from(id));
-            put(&self.topk_logprobs, j * k + q, logprob_of(st, z).to_elem());
+            put(&self.topk_logprobs, j * k + q, lp.to_elem());
         }
     }
 }
@@ -199,9 +201,10 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         };
         // SAFETY: the sample's logits are only read here (an in-place
         // gradient is written below, after this slice is gone).
+        let xs = unsafe { x.get(base, c) };
         let st = stats::row(
             l,
-            unsafe { x.get(base, c) },
+            Row { z: xs, x: xs },
             y,
             self.plan.want,
             &mut self.bufs.kernel,
@@ -233,15 +236,27 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
     ) -> (RowStats<F>, &[(F, u32)]) {
         let c = self.plan.classes;
         let t = &self.plan.transform;
-        let ThreadBufs { kernel, z, dz } = &mut *self.bufs;
+        let ThreadBufs {
+            kernel,
+            x: xb,
+            z,
+            dz,
+        } = &mut *self.bufs;
         let x = match self.io {
             Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
         };
         // SAFETY (both closures): the sample's positions belong to this
         // item, and are touched one at a time, each read before written.
         let read = |p: usize| unsafe { x.get(p, 1) }[0];
-        gather(t, read, at, &mut z[..c]);
-        let st = stats::row(l, &z[..c], y, self.plan.want, kernel);
+        for (k, v) in xb[..c].iter_mut().enumerate() {
+            *v = F::from_elem(read(at.at(k)));
+        }
+        gather(t, |k| xb[k], Strided { base: 0, stride: 1 }, &mut z[..c]);
+        let row = Row {
+            z: &z[..c],
+            x: &xb[..c],
+        };
+        let st = stats::row(l, row, y, self.plan.want, kernel);
         if let Io::Grad(_, g) | Io::InPlace(g) = self.io {
             stats::gradient(l, &mut Separate(&z[..c], &mut dz[..c]), c, y, &st, up);
             let write = |p: usize, v: T| unsafe { g.get_mut(p, 1) }[0] = v;
