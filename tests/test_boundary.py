@@ -289,3 +289,54 @@ def test_fuzz_public_api_raises_documented_errors_or_agrees_with_reference(call)
     np.testing.assert_allclose(np.asarray(loss, np.float64), want, rtol=tol,
                                atol=tol * max(1.0, float(np.nanmax(np.abs(want), initial=1.0))) if np.size(want) else tol,
                                equal_nan=True)
+
+
+@st.composite
+def stats_calls(draw):
+    """A token_stats / linear_token_stats call with valid or malformed parts."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x, t, _, grad = draw(calls())
+    kw = dict(
+        temperature=draw(st.sampled_from([1.0, 0.5, 0.0, -1.0, float("nan"), float("inf"), "x"])),
+        softcap=draw(st.sampled_from([None, 2.0, 0.0, -1.0, float("nan"), [1.0]])),
+        top_k=draw(st.sampled_from([0, 1, 3, -1, 10**12, 1.5])),
+        stats=draw(st.sampled_from([None, ["lse"], ["logprob", "rank"], ["topk_ids"], ["bad"], "lse", [1]])),
+        ignore_index=draw(st.sampled_from([-100, -1, 0, 2**40, "x"])),
+    )
+    if t.dtype.kind == "f":
+        t = draw(st.sampled_from([None, t]))
+    per_token = t.shape if isinstance(t, np.ndarray) else ()
+    if grad != "none":
+        kw["return_grad"] = True
+        kw["grad_logprob"] = draw(st.sampled_from([None, 1.0, rng.normal(size=per_token), np.ones(7), "x"]))
+        kw["grad_entropy"] = draw(st.sampled_from([None, -0.5, rng.normal(size=per_token)]))
+    linear = draw(st.booleans())
+    return x, t, kw, linear, rng
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stats_calls())
+def test_fuzz_token_stats_raise_documented_errors_or_agree_with_reference(call):
+    from reference import token_stats_ref
+
+    x, t, kw, linear, rng = call
+    try:
+        if linear:
+            d = x.shape[-1] if x.ndim else 1
+            w = rng.normal(size=(int(rng.integers(1, 6)), d)).astype(x.dtype)
+            out = fusedce.linear_token_stats(x, w, t, **kw)
+        else:
+            out = fusedce.token_stats(x, t, **kw)
+    except DOCUMENTED:
+        return
+    except BaseException as e:  # noqa: BLE001 - a panic or an undocumented error fails the test
+        pytest.fail(f"undocumented {type(e).__name__}: {e}")
+    stats = out[0] if kw.get("return_grad") else out
+    logits = x.astype(np.float64) @ w.astype(np.float64).T if linear else x.astype(np.float64)
+    want, _ = token_stats_ref(logits, t, kw["temperature"], kw["softcap"], kw["ignore_index"], kw["top_k"])
+    tol = 1e-4 if x.dtype != np.float64 else 1e-9
+    for name in ("lse", "entropy", "logprob"):
+        got = getattr(stats, name)
+        if got is not None:
+            mag = max(1.0, float(np.nanmax(np.abs(np.where(np.isfinite(want[name]), want[name], 0)), initial=1.0)))
+            np.testing.assert_allclose(got, want[name], rtol=tol, atol=tol * mag, equal_nan=True)
