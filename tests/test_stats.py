@@ -298,3 +298,14 @@ def test_errors_name_the_argument(kwargs, exc, arg):
     kwargs = {"target": np.array([0, 1, 2]), **kwargs}
     with pytest.raises(exc, match=arg):
         fusedce.token_stats(x, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["score_tokens.py", "policy_gradient.py"])
+def test_examples_reach_what_they_state(name):
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / name
+    mod = runpy.run_path(str(path), run_name="example")
+    argv = ["--sequences", "2", "--length", "128", "--vocab", "5000"] if name == "score_tokens.py" else []
+    assert mod["main"](argv) == 0
