@@ -22,6 +22,7 @@
 //! calls stop after the second pass.
 
 pub(crate) mod columns;
+pub(crate) mod order;
 pub(crate) mod rows;
 pub(crate) mod stats;
 pub(crate) mod transform;

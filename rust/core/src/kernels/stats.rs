@@ -18,16 +18,14 @@
 //!   `p = e / s` and `μ = Σ p d = -(entropy - ln s)`.
 //!
 //! Passes over the row, all in cache: the maximum (with the maximum of each
-//! block of `ARG_BLOCK` classes when the argmax is wanted, so that finding
-//! it reads one block); the exponentials and their sums; the rank and the
-//! top-k (vectors with no lane above the running threshold are skipped);
-//! the gradient, which computes the exponentials again (same bits).
-//! A row holding a NaN or `+inf` takes a scalar path for argmax and top-k.
+//! block of classes when the order statistics need them, `order.rs`); the
+//! exponentials and their sums; the rank and the top-k; the gradient, which
+//! computes the exponentials again (same bits).
 
-use super::rows::{exp_at, max_of};
+use super::order::{self, block_size, count_above, max_by_blocks, order, range_max, OrderWant};
+use super::rows::exp_at;
 use super::GradAccess;
 use crate::elem::{Elem, Real};
-use crate::error::CeError;
 use crate::simd::Lanes;
 
 /// The floor `d = z - m` is clamped to where it multiplies `e`: below it
@@ -37,8 +35,8 @@ use crate::simd::Lanes;
 /// finite for any reasonable upstream gradient).
 const D_FLOOR: f64 = -1.0e4;
 
-/// Classes per block of the argmax search.
-const ARG_BLOCK: usize = 256;
+/// The statistics kernel's per-thread scratch (that of the order statistics).
+pub(crate) type Scratch<F> = order::OrderScratch<F>;
 
 /// What a row is asked for beyond `lse`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -63,161 +61,34 @@ pub(crate) struct RowStats<F> {
     pub mu: F,
 }
 
-/// Per-thread scratch of the statistics.
-pub(crate) struct Scratch<F> {
-    block_max: Vec<F>,
-    /// The top-k candidates: a binary heap whose root is the worst kept
-    /// (smallest value; the highest index among equals).
-    heap: Vec<(F, u32)>,
-    /// The row's top-k, best first.
-    pub top: Vec<(F, u32)>,
-}
-
-/// `a` ranks below `b`: smaller, or equal with a higher index (NaN largest).
-#[inline(always)]
-fn worse<F: Real>(a: (F, u32), b: (F, u32)) -> bool {
-    match (a.0.is_nan(), b.0.is_nan()) {
-        (true, true) => a.1 > b.1,
-        (true, false) => false,
-        (false, true) => true,
-        (false, false) => a.0 < b.0 || (a.0 == b.0 && a.1 > b.1),
-    }
-}
-
-impl<F: Real> Scratch<F> {
-    pub fn new() -> Self {
-        Scratch {
-            block_max: Vec::new(),
-            heap: Vec::new(),
-            top: Vec::new(),
-        }
-    }
-
-    /// Reserves room for a row of `c` classes (fallibly).
-    pub fn reserve(&mut self, c: usize, k: usize, argmax: bool) -> Result<(), CeError> {
-        let fail =
-            |what: &str| CeError::Resource(format!("could not allocate {what} for {c} classes"));
-        if argmax {
-            self.block_max
-                .try_reserve_exact(c.div_ceil(ARG_BLOCK))
-                .map_err(|_| fail("the argmax blocks"))?;
-        }
-        self.heap
-            .try_reserve_exact(k)
-            .map_err(|_| fail("the top-k"))?;
-        self.top
-            .try_reserve_exact(k)
-            .map_err(|_| fail("the top-k"))?;
-        Ok(())
-    }
-
-    fn sift_down(&mut self, mut i: usize) {
-        let h = &mut self.heap;
-        loop {
-            let (a, b) = (2 * i + 1, 2 * i + 2);
-            let mut w = i;
-            if a < h.len() && worse(h[a], h[w]) {
-                w = a;
-            }
-            if b < h.len() && worse(h[b], h[w]) {
-                w = b;
-            }
-            if w == i {
-                return;
-            }
-            h.swap(i, w);
-            i = w;
-        }
-    }
-
-    fn push(&mut self, v: (F, u32)) {
-        let h = &mut self.heap;
-        h.push(v);
-        let mut i = h.len() - 1;
-        while i > 0 && worse(h[i], h[(i - 1) / 2]) {
-            h.swap(i, (i - 1) / 2);
-            i = (i - 1) / 2;
-        }
-    }
-
-    /// Keeps `v` if it beats the worst of `k` kept.
-    #[inline(always)]
-    fn offer(&mut self, k: usize, v: (F, u32)) {
-        if self.heap.len() < k {
-            self.push(v);
-        } else if worse(self.heap[0], v) {
-            self.heap[0] = v;
-            self.sift_down(0);
-        }
-    }
-
-    /// Moves the kept candidates to `top`, best first.
-    fn finish_top(&mut self) {
-        self.top.clear();
-        self.top.append(&mut self.heap);
-        self.top.sort_unstable_by(|&a, &b| {
-            if worse(b, a) {
-                std::cmp::Ordering::Less
-            } else {
-                std::cmp::Ordering::Greater
-            }
-        });
-    }
-}
-
-/// The maximum of `z[lo..hi]` (vectors, then the one-lane tail).
-#[inline(always)]
-fn range_max<L: Lanes, T: Elem>(l: L, z: &[T], lo: usize, hi: usize) -> L::F {
-    let body = lo + (hi - lo) / L::N * L::N;
-    let (a, b) = (max_of(l, z, lo, body), max_of(l.tail(), z, body, hi));
-    if b > a {
-        b
-    } else {
-        a
-    }
-}
-
-/// `m`, and the maximum of each block when `blocks` is given.
-#[inline(always)]
-fn max_pass<L: Lanes, T: Elem>(l: L, z: &[T], blocks: Option<&mut Vec<L::F>>) -> L::F {
-    let c = z.len();
-    let Some(bm) = blocks else {
-        return range_max(l, z, 0, c);
-    };
-    bm.clear();
-    let mut m = L::F::NEG_INFINITY;
-    for lo in (0..c).step_by(ARG_BLOCK) {
-        let v = range_max(l, z, lo, (lo + ARG_BLOCK).min(c));
-        bm.push(v);
-        if v > m {
-            m = v;
-        }
-    }
-    m
-}
-
-/// `(s, Σ e·(-d))` (the second only when `entropy`), blocked like the loss
-/// kernel's sums.
+/// `(s, Σ e·(-d), n)` over `z[lo..hi]` (the second only when `entropy`;
+/// `n`: how many scores are above `above`, when given), blocked like the
+/// loss kernel's sums.
 #[inline(always)]
 fn exp_sums<L: Lanes, T: Elem>(
     l: L,
     z: &[T],
-    lo: usize,
-    hi: usize,
+    (lo, hi): (usize, usize),
     m: L::F,
     entropy: bool,
-) -> (L::F, L::F) {
+    above: Option<L::F>,
+) -> (L::F, L::F, u64) {
     let n = L::N;
     let (zero, mv) = (l.splat(L::F::ZERO), l.splat(m));
     let floor = l.splat(L::F::from_f64(D_FLOOR));
-    let (mut s, mut t) = (zero, zero);
+    let av = l.splat(above.unwrap_or(L::F::ZERO));
+    let (mut s, mut t, mut count) = (zero, zero, 0u64);
     let mut b0 = lo;
     while b0 < hi {
         let b1 = (b0 + super::BLOCK * n).min(hi);
         let (mut bs, mut bt) = (zero, zero);
         let mut i = b0;
         while i + n <= b1 {
-            let d = l.sub(l.load(&z[i..]), mv);
+            let zv = l.load(&z[i..]);
+            if above.is_some() {
+                count += u64::from(l.count_gt(zv, av));
+            }
+            let d = l.sub(zv, mv);
             let e = l.exp(d);
             bs = l.add(bs, e);
             if entropy {
@@ -231,75 +102,7 @@ fn exp_sums<L: Lanes, T: Elem>(
         t = l.add(t, bt);
         b0 = b1;
     }
-    (l.hsum(s), l.hsum(t))
-}
-
-/// The number of classes with `z > v` (ordered).
-#[inline(always)]
-fn count_above<L: Lanes, T: Elem>(l: L, z: &[T], v: L::F) -> i64 {
-    let c = z.len();
-    let body = c - c % L::N;
-    let (vv, tl) = (l.splat(v), l.tail());
-    let mut n = 0u64;
-    let mut i = 0;
-    while i < body {
-        n += u64::from(l.count_gt(l.load(&z[i..]), vv));
-        i += L::N;
-    }
-    for j in body..c {
-        n += u64::from(tl.count_gt(tl.load(&z[j..]), tl.splat(v)));
-    }
-    n as i64
-}
-
-/// The first class holding `m` (finite or infinite, no NaN in the row),
-/// found through the block maxima.
-fn first_max<F: Real, T: Elem>(z: &[T], m: F, block_max: &[F]) -> usize {
-    let b = block_max.iter().position(|&v| v == m).unwrap_or(0);
-    let lo = b * ARG_BLOCK;
-    let hi = (lo + ARG_BLOCK).min(z.len());
-    (lo..hi).find(|&i| F::from_elem(z[i]) == m).unwrap_or(lo)
-}
-
-/// Argmax and top-k of a row holding a NaN (or `+inf`): scalar, exact.
-fn scalar_order<F: Real, T: Elem>(z: &[T], k: usize, sc: &mut Scratch<F>) -> usize {
-    let mut best = (F::from_elem(z[0]), 0u32);
-    sc.heap.clear();
-    for (i, &v) in z.iter().enumerate() {
-        let cand = (F::from_elem(v), i as u32);
-        if worse(best, cand) {
-            best = cand;
-        }
-        if k > 0 {
-            sc.offer(k, cand);
-        }
-    }
-    best.1 as usize
-}
-
-/// Top-k of a row without NaN: the first `k` classes seed the heap; then
-/// only vectors with a lane above the worst kept are looked at.
-#[inline(always)]
-fn top_k<L: Lanes, T: Elem>(l: L, z: &[T], k: usize, sc: &mut Scratch<L::F>) {
-    sc.heap.clear();
-    let c = z.len();
-    let seed = k.min(c);
-    for (i, &v) in z[..seed].iter().enumerate() {
-        sc.offer(k, (L::F::from_elem(v), i as u32));
-    }
-    let mut i = seed;
-    while i + L::N <= c {
-        let v = l.load(&z[i..]);
-        if l.count_gt(v, l.splat(sc.heap[0].0)) > 0 {
-            for (j, &zj) in z.iter().enumerate().skip(i).take(L::N) {
-                sc.offer(k, (L::F::from_elem(zj), j as u32));
-            }
-        }
-        i += L::N;
-    }
-    for (j, &v) in z.iter().enumerate().skip(i) {
-        sc.offer(k, (L::F::from_elem(v), j as u32));
-    }
+    (l.hsum(s), l.hsum(t), count)
 }
 
 /// The row's two views: the scores `z` (for `lse`, `logprob`, `entropy`,
@@ -331,10 +134,22 @@ pub(crate) fn row<L: Lanes, T: Elem>(
 ) -> RowStats<L::F> {
     let (z, c) = (r.z, r.z.len());
     let body = c - c % L::N;
-    let argmax_on_z = want.argmax && !r.mapped();
-    let m = max_pass(l, z, argmax_on_z.then_some(&mut sc.block_max));
-    let (s1, t1) = exp_sums(l, z, 0, body, m, want.entropy);
-    let (s2, t2) = exp_sums(l.tail(), z, body, c, m, want.entropy);
+    let ow = OrderWant {
+        argmax: want.argmax,
+        top_k: want.top_k,
+    };
+    // without a score map the order pass can reuse this pass's block maxima
+    let share = !r.mapped() && ow.any();
+    let m = if share {
+        max_by_blocks(l, z, block_size(c, ow.top_k), order::blocks(sc))
+    } else {
+        range_max(l, z, 0, c)
+    };
+    // without a score map the rank is counted in the same pass
+    let x_y = y.map(|y| L::F::from_elem(r.x[y]));
+    let fused_rank = x_y.filter(|_| want.rank && !r.mapped());
+    let (s1, t1, n1) = exp_sums(l, z, (0, body), m, want.entropy, fused_rank);
+    let (s2, t2, n2) = exp_sums(l.tail(), z, (body, c), m, want.entropy, fused_rank);
     let (s, t) = (s1 + s2, t1 + t2);
     let ln_s = s.ln();
     let inv_s = L::F::ONE / s;
@@ -345,18 +160,17 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         m + ln_s
     };
     // s is NaN when a score is NaN (then so is its logit) or +inf
-    let argmax = order_stats(l, r, m, !s.is_nan(), want, sc);
-    let (logprob, rank) = match y {
-        Some(y) => {
-            let xy = L::F::from_elem(r.x[y]);
-            let rank = if want.rank {
-                count_above(l, r.x, xy)
-            } else {
-                0
+    let argmax = order(l, r.x, !s.is_nan(), share.then_some(m), ow, sc);
+    let (logprob, rank) = match (y, x_y) {
+        (Some(y), Some(xy)) => {
+            let rank = match (want.rank, fused_rank) {
+                (false, _) => 0,
+                (true, Some(_)) => (n1 + n2) as i64,
+                (true, None) => count_above(l, r.x, xy),
             };
             ((L::F::from_elem(z[y]) - m) - ln_s, rank)
         }
-        None => (L::F::ZERO, -1),
+        _ => (L::F::ZERO, -1),
     };
     for v in sc.top.iter_mut() {
         v.0 = (L::F::from_elem(z[v.1 as usize]) - m) - ln_s;
@@ -371,41 +185,6 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         inv_s,
         mu: L::F::ZERO - t * inv_s,
     }
-}
-
-/// The argmax (0 when not wanted) and the top-k (in `sc.top`, by logit) of
-/// the row's logits; `m_z`: the scores' maximum; `regular`: no NaN and no
-/// `+inf` among the scores.
-#[inline(always)]
-fn order_stats<L: Lanes, T: Elem>(
-    l: L,
-    r: Row<'_, T>,
-    m_z: L::F,
-    regular: bool,
-    want: Want,
-    sc: &mut Scratch<L::F>,
-) -> usize {
-    let mut argmax = 0;
-    sc.top.clear();
-    if !regular && (want.argmax || want.top_k > 0) {
-        argmax = scalar_order(r.x, want.top_k, sc);
-    } else {
-        if want.argmax {
-            let m = if r.mapped() {
-                max_pass(l, r.x, Some(&mut sc.block_max))
-            } else {
-                m_z
-            };
-            argmax = first_max(r.x, m, &sc.block_max);
-        }
-        if want.top_k > 0 {
-            top_k(l, r.x, want.top_k, sc);
-        }
-    }
-    if want.top_k > 0 {
-        sc.finish_top();
-    }
-    argmax
 }
 
 /// Writes the gradient of `gl · logprob + ge · entropy` with respect to the
