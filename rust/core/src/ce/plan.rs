@@ -122,6 +122,17 @@ pub(crate) fn check_len(
     Ok(())
 }
 
+/// At least one class.
+pub(crate) fn check_classes(c: usize) -> Result<(), CeError> {
+    if c == 0 {
+        return Err(CeError::invalid(
+            "input",
+            "expected at least one class, got C = 0",
+        ));
+    }
+    Ok(())
+}
+
 /// `label_smoothing` in `[0, 1]`.
 fn check_label_smoothing(eps: f64) -> Result<(), CeError> {
     if !(0.0..=1.0).contains(&eps) {
@@ -160,12 +171,7 @@ impl<'a, F: Real> Plan<'a, F> {
         grad_output: GradOutput<'a>,
     ) -> Result<Self, CeError> {
         let (c, samples) = (p.classes, p.batch.saturating_mul(p.spatial));
-        if c == 0 {
-            return Err(CeError::invalid(
-                "input",
-                "expected at least one class, got C = 0",
-            ));
-        }
+        check_classes(c)?;
         check_loss_options(p.label_smoothing, p.softcap, p.z_loss)?;
         let transform = Transform::new(p.softcap, 1.0)?;
         if let Some(w) = p.weight {

@@ -4,7 +4,7 @@
 //! those logits, which by then hold their gradient.
 
 use super::gemm::{matmul, GemmReal, MatMut, MatRef};
-use super::rowwise;
+use super::rowwise::{self, Rows};
 use super::weight::{convert, widen_into, zeros, Weight};
 use crate::ce::{Io, Logits};
 use crate::elem::{same_type_mut, Elem};
@@ -164,7 +164,19 @@ fn forward_logits<T: Elem, G: GemmReal + Default>(
     weight.blocks(|j0, j1, w| {
         let bias = ctx.bias.map(|b| &b[j0..j1]);
         let at = j0.min(l.len());
-        rowwise::logits(x, nr, d, w, j1 - j0, bias, &mut l[at..], cs, ctx.threads);
+        let xs = Rows {
+            data: x,
+            rows: nr,
+            cols: d,
+            ld: d,
+        };
+        let ws = Rows {
+            data: w,
+            rows: j1 - j0,
+            cols: d,
+            ld: d,
+        };
+        rowwise::logits(xs, ws, bias, (&mut l[at..], cs), ctx.threads);
     });
 }
 
@@ -189,7 +201,19 @@ fn backward<T: Elem, G: GemmReal + Default>(
             None => &mut dx_buf[..nr * d],
         };
         let dl_block = &dl[j0.min(dl.len())..];
-        rowwise::input_grad(dl_block, cs, nr, w, j1 - j0, dx, d, j0 > 0, ctx.threads);
+        let dls = Rows {
+            data: dl_block,
+            rows: nr,
+            cols: j1 - j0,
+            ld: cs,
+        };
+        let ws = Rows {
+            data: w,
+            rows: j1 - j0,
+            cols: d,
+            ld: d,
+        };
+        rowwise::input_grad(dls, ws, dx, j0 > 0, ctx.threads);
         let dw = &mut grads.dw()[j0 * d..j1 * d];
         matmul(
             MatMut::rows(dw, j1 - j0, d, d),

@@ -35,20 +35,34 @@ const DX_ROWS: usize = 256;
 /// Weight bytes per cache block of the input-gradient product.
 const DX_BLOCK_BYTES: usize = 1 << 18;
 
-/// `out[r * ld + j] = x_r · w_j (+ b_j)` for `r < rows`, `j < classes`
-/// (`x`: `rows x d`, `w`: `classes x d`, both row-major; `b` has `classes`).
-#[allow(clippy::too_many_arguments)]
+/// A row-major `rows x cols` matrix whose rows are `ld` apart.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a, G> {
+    pub data: &'a [G],
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl<G> Rows<'_, G> {
+    /// Every element lies in `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.ld + self.cols <= self.data.len()
+    }
+}
+
+/// `out[r * ld + j] = x_r · w_j (+ b_j)` for every row `r` of `x` and
+/// class `j` (row `j` of `w`; `x` and `w` have `D` columns, `b` one value
+/// per class).
 pub(crate) fn logits<G: GemmReal>(
-    x: &[G],
-    rows: usize,
-    d: usize,
-    w: &[G],
-    classes: usize,
+    x: Rows<'_, G>,
+    w: Rows<'_, G>,
     bias: Option<&[G]>,
-    out: &mut [G],
-    ld: usize,
+    (out, ld): (&mut [G], usize),
     threads: usize,
 ) {
+    let (rows, d, classes) = (x.rows, x.cols, w.rows);
+    let (x, w) = (x.data, w.data);
     assert!(x.len() >= rows * d && w.len() >= classes * d);
     assert!(rows == 0 || classes == 0 || (rows - 1) * ld + classes <= out.len());
     let dst = Shared::new(out);
@@ -154,23 +168,20 @@ impl<G: GemmReal> LogitTask<'_, G> {
     }
 }
 
-/// `dx[r * d + k] = Σ_j dl[r * ld + j] w[j * d + k]` (`accumulate`: added to
-/// what `dx` holds, which continues the class order of an earlier call over
-/// the classes before these).
-#[allow(clippy::too_many_arguments)]
+/// `dx[r * D + k] = Σ_j dl[r, j] w[j, k]` for every row `r` of `dl` (`C`
+/// columns) and column `k` of `w` (`C x D`). `accumulate`: added to what
+/// `dx` holds, which continues the class order of an earlier call over the
+/// classes before these.
 pub(crate) fn input_grad<G: GemmReal>(
-    dl: &[G],
-    ld: usize,
-    rows: usize,
-    w: &[G],
-    classes: usize,
+    dl: Rows<'_, G>,
+    w: Rows<'_, G>,
     dx: &mut [G],
-    d: usize,
     accumulate: bool,
     threads: usize,
 ) {
-    assert!(w.len() >= classes * d && dx.len() >= rows * d);
-    assert!(rows == 0 || classes == 0 || (rows - 1) * ld + classes <= dl.len());
+    let (rows, classes, d, ld) = (dl.rows, w.rows, w.cols, dl.ld);
+    assert!(dl.in_bounds() && w.in_bounds() && dl.cols == classes && dx.len() >= rows * d);
+    let (dl, w) = (dl.data, w.data);
     let dst = Shared::new(dx);
     let run = |(r0, k0): (usize, usize)| {
         G::dispatch(DxTask {

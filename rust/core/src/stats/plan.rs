@@ -1,7 +1,7 @@
 //! Validation of a [`TokenStats`] problem into a [`StatsPlan`].
 
 use super::{StatsGrad, TokenStats, Upstream, Wanted};
-use crate::ce::plan::{check_len, encode_class_targets, IGNORED};
+use crate::ce::plan::{check_classes, check_len, encode_class_targets, IGNORED};
 use crate::elem::Real;
 use crate::error::CeError;
 use crate::kernels::stats::Want;
@@ -36,12 +36,7 @@ impl<'a, F: Real> StatsPlan<'a, F> {
     /// gradient) the upstream gradients' lengths.
     pub fn new(p: &TokenStats<'_>, grad: StatsGrad<'a>, wants_grad: bool) -> Result<Self, CeError> {
         let (c, samples) = (p.classes, p.batch.saturating_mul(p.spatial));
-        if c == 0 {
-            return Err(CeError::invalid(
-                "input",
-                "expected at least one class, got C = 0",
-            ));
-        }
+        check_classes(c)?;
         let transform = Transform::new(p.softcap, p.temperature)?;
         if p.top_k > c {
             return Err(CeError::invalid(
