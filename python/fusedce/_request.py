@@ -560,8 +560,6 @@ def stats_outputs(p: StatsProblem, shape: tuple, dtype: np.dtype) -> TokenStats:
     )
 
 
-#: what the GPU shaders do not compute yet
-_STATS_CPU_ONLY = "token statistics"
 
 
 def token_stats_request(input: Any, target: Any, temperature: Any, softcap: Any, ignore_index: Any,
@@ -576,7 +574,7 @@ def token_stats_request(input: Any, target: Any, temperature: Any, softcap: Any,
     p = stats_problem(dims, shape, target, temperature, softcap, ignore_index, top_k, stats, return_grad,
                       grad_logprob, grad_entropy)
     grad = _grad_buffer(grad_out, input, x) if return_grad else None
-    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS, _STATS_CPU_ONLY)
+    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS)
     return TokenStatsRequest(p, x, grad, stats_outputs(p, shape, x.dtype), dev)
 
 
@@ -594,5 +592,5 @@ def linear_stats_request(input: Any, linear_weight: Any, target: Any, linear_bia
     dtype, shape = lin.input.dtype, lin.sample_shape
     p = stats_problem((lin.batch, w.shape[0], 1), shape, target, temperature, softcap, ignore_index, top_k,
                       stats, return_grad, grad_logprob, grad_entropy)
-    dev = resolve_device(device, dtype, lin.flops, gpu.AUTO_MIN_FLOPS, _STATS_CPU_ONLY)
+    dev = resolve_device(device, dtype, lin.flops, gpu.AUTO_MIN_FLOPS)
     return LinearTokenStatsRequest(p, *lin[:8], stats_outputs(p, shape, dtype), dev)

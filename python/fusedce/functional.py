@@ -274,8 +274,8 @@ def token_stats(
             ``return_grad=True``; ``grad_logprob`` needs a target.
         grad_out: where the gradient goes, as for :func:`cross_entropy`
             (``grad_out=input`` writes it over the logits).
-        device: ``"cpu"``, ``"gpu"`` or ``"auto"``. The GPU path does not
-            compute statistics yet: ``"gpu"`` warns and runs on the CPU.
+        device: ``"cpu"``, ``"gpu"`` (float32 on the device; float64 input
+            runs on the CPU with a warning) or ``"auto"``.
 
     Returns:
         :class:`TokenStats` (float32 arrays for float16/bfloat16/float32
@@ -291,7 +291,12 @@ def token_stats(
     """
     req = token_stats_request(input, target, temperature, softcap, ignore_index, top_k, stats,
                               return_grad, grad_logprob, grad_entropy, grad_out, device)
-    _cpu.token_stats(req)
+    if req.device == "gpu":
+        from .gpu import _stats
+
+        _stats.token_stats(req)
+    else:
+        _cpu.token_stats(req)
     if req.grad is None:
         return req.out
     return req.out, req.grad
@@ -337,7 +342,12 @@ def linear_token_stats(
     """
     req = linear_stats_request(input, linear_weight, target, linear_bias, options, temperature, softcap,
                                ignore_index, top_k, stats, return_grad, grad_logprob, grad_entropy, device)
-    _cpu.linear_token_stats(req)
+    if req.device == "gpu":
+        from .gpu import _stats
+
+        _stats.linear_token_stats(req)
+    else:
+        _cpu.linear_token_stats(req)
     if req.grads is None:
         return req.out
     return req.out, req.grads

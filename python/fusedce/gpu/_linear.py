@@ -1,11 +1,13 @@
-"""``linear_cross_entropy`` on the GPU, and the device copy of a weight.
+"""The linear driver on the GPU (``run_chunks``), ``linear_cross_entropy``
+on it, and the device copy of a weight.
 
 Per chunk of rows: the logits chunk ``X_c·W_blkᵀ (+b)`` is written class
 block by class block into one device buffer (the weight is split into
-blocks that each fit one storage binding), the CE shader turns it into its
-gradient in place, then ``dX_c`` accumulates over the blocks and ``dW_blk``,
-``db`` accumulate on the device. The N x C logits never exist. Targets,
-scales and the reduction come from the core's target plan.
+blocks that each fit one storage binding), a step — the CE shader, or the
+statistics shader (``_stats``) — turns it into its gradient in place, then
+``dX_c`` accumulates over the blocks and ``dW_blk``, ``db`` accumulate on
+the device. The N x C logits never exist. Targets, scales and the reduction
+come from the core's target plan.
 
 Transfers: the rows, targets and scales are uploaded once and copied into
 the chunk buffers on the device; everything is encoded into one submission
@@ -16,7 +18,7 @@ back once at the end.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -108,44 +110,76 @@ def linear_cross_entropy(req: LinearCrossEntropyRequest, resident: Optional[Resi
     p = req.problem
     plan = _native.plan(p)
     per = np.zeros(p.samples, np.float32)
-    cs = p.classes * p.spatial
-    if p.batch and cs:
-        ctx = context()
-        dev = resident.get(ctx, req.linear_weight, req.linear_bias) if resident is not None else \
-            DeviceWeight(ctx, req.linear_weight.reshape(cs, -1), req.linear_bias)
-        _run(ctx, req, plan, dev, per)
-    elif req.grads is not None:
-        for g in req.grads:
-            if g is not None:
-                g[...] = 0
+    if p.batch and p.classes * p.spatial:
+        ce: List[_CeBuffers] = []
+
+        def step(ctx: Context, enc: Any, logits: Any, r0: int, r1: int) -> None:
+            if not ce:
+                ce.append(_CeBuffers(ctx, req, plan, _chunk_rows(ctx, req)))
+            ce[0].dispatch(ctx, enc, req, logits, r0, r1)
+
+        def finish(ctx: Context) -> None:
+            ctx.read_into(ce[0].lossall, per)
+
+        run_chunks(req, resident, step, finish)
+    else:
+        zero_grads(req)
     if req.loss is not None:
         req.loss[...] = per.reshape(req.loss.shape)
         return req.loss
     return np.asarray(plan.reduce(per), dtype=req.input.dtype)
 
 
-class _Chunks:
-    """The device buffers of one call: whole inputs and results, and the
-    per-chunk buffers the shaders work in."""
+def zero_grads(req: Any) -> None:
+    """The gradients of a call with no rows or no classes."""
+    for g in req.grads or ():
+        if g is not None:
+            g[...] = 0
 
-    def __init__(self, ctx: Context, req: LinearCrossEntropyRequest, plan: Any, dev: DeviceWeight, rows: int):
-        p, n, d = req.problem, req.input.shape[0], req.in_features
-        cs, sp, grad = p.classes * p.spatial, p.spatial, req.grads is not None
-        self.xall = ctx.buffer_from(np.asarray(req.input, np.float32))
+
+class _CeBuffers:
+    """The loss step's device buffers: targets, scales and losses of every
+    sample, and those of one chunk."""
+
+    def __init__(self, ctx: Context, req: LinearCrossEntropyRequest, plan: Any, rows: int) -> None:
+        p, sp = req.problem, req.problem.spatial
         tgt = plan.targets if plan.targets is not None else np.zeros(max(1, p.samples), np.int32)
         self.tall, self.sall = ctx.buffer_from(tgt), ctx.buffer_from(plan.scale)
         self.lossall = ctx.empty(p.samples * 4)
-        self.dxall = ctx.empty(n * d * 4) if grad else None
         w = np.ones(p.classes, np.float32) if p.weight is None else p.weight.astype(np.float32)
         self.cw = ctx.buffer_from(w)
+        self.t, self.s, self.loss = (ctx.empty(rows * sp * 4) for _ in range(3))
+
+    def dispatch(self, ctx: Context, enc: Any, req: LinearCrossEntropyRequest, logits: Any, r0: int, r1: int) -> None:
+        """The CE shader in place over the chunk's logits (losses copied out)."""
+        p = req.problem
+        sp, cs, samples = p.spatial, p.classes * p.spatial, (r1 - r0) * p.spatial
+        enc.copy_buffer_to_buffer(self.tall, r0 * sp * 4, self.t, 0, samples * 4)
+        enc.copy_buffer_to_buffer(self.sall, r0 * sp * 4, self.s, 0, samples * 4)
+        probs = p.probs
+        pbuf = ctx._dummy if probs is None else ctx.buffer_from(
+            np.asarray(probs.reshape(-1)[r0 * cs:r1 * cs], np.float32))
+        dispatch_ce(ctx, enc, [logits, self.t, pbuf, self.cw, self.s, self.loss], samples, p.classes, sp,
+                    probs is not None, p.label_smoothing, req.grads is not None)
+        enc.copy_buffer_to_buffer(self.loss, 0, self.lossall, r0 * sp * 4, samples * 4)
+
+
+class _Chunks:
+    """The device buffers of the linear part of one call: the rows, the
+    gradients, and the per-chunk buffers the products work in."""
+
+    def __init__(self, ctx: Context, req: Any, dev: DeviceWeight, rows: int):
+        p, n, d = req.problem, req.input.shape[0], req.in_features
+        cs, grad = p.classes * p.spatial, req.grads is not None
+        self.xall = ctx.buffer_from(np.asarray(req.input, np.float32))
+        self.dxall = ctx.empty(n * d * 4) if grad else None
         self.dws = [ctx.zeros((j1 - j0) * d) for (j0, j1, _) in dev.blocks] if grad else []
         self.db = ctx.zeros(cs) if grad and dev.bias is not None else None
         self.logits, self.x = ctx.empty(rows * cs * 4), ctx.empty(rows * d * 4)
-        self.t, self.s, self.loss = (ctx.empty(rows * sp * 4) for _ in range(3))
         self.dx = ctx.empty(rows * d * 4) if grad else None
 
 
-def _chunk_rows(ctx: Context, req: LinearCrossEntropyRequest) -> int:
+def _chunk_rows(ctx: Context, req: Any) -> int:
     p, n, d = req.problem, req.input.shape[0], req.in_features
     cs = p.classes * p.spatial
     if cs * 4 > ctx.max_binding:
@@ -162,42 +196,47 @@ def _chunk_rows(ctx: Context, req: LinearCrossEntropyRequest) -> int:
     return max(1, min(req.chunk_rows, ctx.max_binding // (cs * 4), ctx.max_binding // max(1, d * 4), n))
 
 
-def _run(ctx: Context, req: LinearCrossEntropyRequest, plan: Any, dev: DeviceWeight, losses: np.ndarray) -> None:
+def run_chunks(req: Any, resident: Optional[ResidentWeight], step: Callable[..., Any],
+               finish: Callable[..., None]) -> None:
+    """The linear driver on the device: per chunk of rows the logits, then
+    ``step(ctx, encoder, logits, r0, r1)`` (which turns them into their
+    gradient in place when ``req.grads`` is given), then the backward; after
+    the submission ``finish(ctx)`` and the gradients read back."""
     p, n, d = req.problem, req.input.shape[0], req.in_features
+    cs = p.classes * p.spatial
+    if not (n and cs):
+        zero_grads(req)
+        return
+    ctx = context()
+    dev = resident.get(ctx, req.linear_weight, req.linear_bias) if resident is not None else \
+        DeviceWeight(ctx, req.linear_weight.reshape(cs, -1), req.linear_bias)
     rows = _chunk_rows(ctx, req)
-    bufs = _Chunks(ctx, req, plan, dev, rows)
+    bufs = _Chunks(ctx, req, dev, rows)
+    probs = getattr(p, "probs", None)
     enc = ctx.encoder()
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        _forward_chunk(ctx, enc, req, dev, bufs, r0, r1)
+        _logits_chunk(ctx, enc, req, dev, bufs, r0, r1)
+        step(ctx, enc, bufs.logits, r0, r1)
         if req.grads is not None:
-            _backward_chunk(ctx, enc, dev, bufs, r1 - r0, r0, d, p.classes * p.spatial)
-        if p.probs is not None:  # this chunk's probabilities were uploaded for it alone
+            _backward_chunk(ctx, enc, dev, bufs, r1 - r0, r0, d, cs)
+        if probs is not None:  # this chunk's probabilities were uploaded for it alone
             ctx.submit(enc)
             enc = ctx.encoder()
     ctx.submit(enc)
-    ctx.read_into(bufs.lossall, losses)
+    finish(ctx)
     if req.grads is not None:
         _read_grads(ctx, req, dev, bufs)
 
 
-def _forward_chunk(ctx: Context, enc: Any, req: LinearCrossEntropyRequest, dev: DeviceWeight, bufs: _Chunks,
-                   r0: int, r1: int) -> None:
-    """Logits of rows ``r0..r1``, then the CE shader in place (losses copied out)."""
-    p, d, nr = req.problem, req.in_features, r1 - r0
-    sp, cs, samples = p.spatial, p.classes * p.spatial, (r1 - r0) * p.spatial
+def _logits_chunk(ctx: Context, enc: Any, req: Any, dev: DeviceWeight, bufs: _Chunks, r0: int, r1: int) -> None:
+    """``L = x_c · Wᵀ (+ b)`` for rows ``r0..r1``, class block by class block."""
+    d, nr, cs = req.in_features, r1 - r0, req.problem.classes * req.problem.spatial
     if d:
         enc.copy_buffer_to_buffer(bufs.xall, r0 * d * 4, bufs.x, 0, nr * d * 4)
-    enc.copy_buffer_to_buffer(bufs.tall, r0 * sp * 4, bufs.t, 0, samples * 4)
-    enc.copy_buffer_to_buffer(bufs.sall, r0 * sp * 4, bufs.s, 0, samples * 4)
-    for (j0, j1, wb) in dev.blocks:  # L[:, j0:j1] = x_c · W_blkᵀ (+ b)
+    for (j0, j1, wb) in dev.blocks:
         matmul_into(ctx, enc, (nr, j1 - j0, d), (bufs.x, 0, d, 1), (wb, 0, 1, d), (bufs.logits, j0, cs),
                     bias=None if dev.bias is None else (dev.bias, j0))
-    probs = p.probs
-    pbuf = ctx._dummy if probs is None else ctx.buffer_from(np.asarray(probs.reshape(-1)[r0 * cs:r1 * cs], np.float32))
-    dispatch_ce(ctx, enc, [bufs.logits, bufs.t, pbuf, bufs.cw, bufs.s, bufs.loss], samples, p.classes, sp,
-                probs is not None, p.label_smoothing, req.grads is not None)
-    enc.copy_buffer_to_buffer(bufs.loss, 0, bufs.lossall, r0 * sp * 4, samples * 4)
 
 
 def _backward_chunk(ctx: Context, enc: Any, dev: DeviceWeight, bufs: _Chunks, nr: int, r0: int, d: int,
@@ -215,7 +254,7 @@ def _backward_chunk(ctx: Context, enc: Any, dev: DeviceWeight, bufs: _Chunks, nr
         ctx.dispatch(enc, "colsum", [u, bufs.logits, bufs.db], groups_for(math.ceil(cs / 256)))
 
 
-def _read_grads(ctx: Context, req: LinearCrossEntropyRequest, dev: DeviceWeight, bufs: _Chunks) -> None:
+def _read_grads(ctx: Context, req: Any, dev: DeviceWeight, bufs: _Chunks) -> None:
     """The gradients read back straight into the request's output arrays."""
     assert req.grads is not None
     gx, gw, gb = req.grads

@@ -62,6 +62,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear::linear_cross_entropy, m)?)?;
     m.add_function(wrap_pyfunction!(stats::token_stats, m)?)?;
     m.add_function(wrap_pyfunction!(stats::linear_token_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(stats::stats_plan, m)?)?;
     m.add_function(wrap_pyfunction!(check_options, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;

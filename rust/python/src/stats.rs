@@ -8,7 +8,7 @@ use crate::error::CoreError;
 use crate::linear::{check_linear_disjoint, LinearArrays, LinearFields};
 use fusedce_core::simd::Compute;
 use fusedce_core::{self as core, Io};
-use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use numpy::{PyArray1, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 use std::ops::Range;
 
@@ -297,4 +297,26 @@ where
     Ok(py
         .detach(move || core::linear_token_stats(&problem, grad, grads, out))
         .map_err(CoreError)?)
+}
+
+/// Validates a `StatsProblem` exactly as the CPU path does (temperature,
+/// softcap, `top_k`, every target, what needs a target, the upstream
+/// gradients' lengths) and returns its targets as `int32` (-1 where ignored),
+/// or None without targets: what a backend without the core's kernels needs.
+#[pyfunction]
+pub(crate) fn stats_plan<'py>(
+    py: Python<'py>,
+    problem: StatsProblem<'py>,
+    wants_grad: bool,
+) -> PyResult<Option<Bound<'py, PyArray1<i32>>>> {
+    let arrays = ProblemArrays::borrow(&problem)?;
+    let (stats, grad) = arrays.core(&problem)?;
+    let plan = core::stats::StatsPlan::<f32>::new(&stats, grad, wants_grad).map_err(CoreError)?;
+    Ok(plan.encoded_targets().map(|t| {
+        PyArray1::from_iter(
+            py,
+            t.iter()
+                .map(|&y| if y == core::ce::IGNORED { -1 } else { y as i32 }),
+        )
+    }))
 }

@@ -81,6 +81,12 @@ impl<'a, F: Real> StatsPlan<'a, F> {
         })
     }
 
+    /// The validated class of each sample ([`IGNORED`] where ignored), if
+    /// targets were given.
+    pub fn encoded_targets(&self) -> Option<&[u32]> {
+        self.targets.as_deref()
+    }
+
     /// Samples: `batch * spatial`.
     pub fn samples(&self) -> usize {
         self.samples
