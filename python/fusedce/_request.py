@@ -485,7 +485,7 @@ class LinearTokenStatsRequest(NamedTuple):
     device: str
 
 
-def _stat_flags(stats: Any, has_target: bool, top_k: int) -> Tuple[bool, ...]:
+def _stat_flags(stats: Any, has_target: bool, top_k: int) -> Tuple[bool, bool, bool, bool, bool]:
     """``(lse, logprob, entropy, argmax, rank)`` asked for by ``stats``."""
     if stats is None:
         return (True, has_target, True, True, has_target)
@@ -497,7 +497,8 @@ def _stat_flags(stats: Any, has_target: bool, top_k: int) -> Tuple[bool, ...]:
         raise ValueError(f"stats: unknown statistics {sorted(unknown)}; expected names from {STAT_NAMES}")
     if names & {"topk_ids", "topk_logprobs"} and top_k == 0:
         raise ValueError("top_k: the top-k statistics need top_k > 0")
-    return tuple(n in names for n in STAT_NAMES[:5])
+    lse, logprob, entropy, argmax, rank = (n in names for n in STAT_NAMES[:5])
+    return lse, logprob, entropy, argmax, rank
 
 
 def _upstream(arg: str, g: Any, shape: tuple) -> Union[None, float, np.ndarray]:
@@ -539,9 +540,10 @@ def stats_problem(dims: Tuple[int, int, int], shape: tuple, target: Any, tempera
     if not 0 <= k <= dims[1]:
         # checked here too (the core checks it) because it sizes the outputs
         raise ValueError(f"top_k: expected a value in [0, {dims[1]}] (the number of classes), got {k}")
+    lse, logprob, entropy, argmax, rank = _stat_flags(stats, t is not None, k)
     return StatsProblem(
-        *dims, t, int_arg("ignore_index", ignore_index), float_arg("temperature", temperature),
-        optional_float_arg("softcap", softcap), k, *_stat_flags(stats, t is not None, k),
+        dims[0], dims[1], dims[2], t, int_arg("ignore_index", ignore_index), float_arg("temperature", temperature),
+        optional_float_arg("softcap", softcap), k, lse, logprob, entropy, argmax, rank,
         _upstream("grad_logprob", grad_logprob, shape), _upstream("grad_entropy", grad_entropy, shape),
     )
 

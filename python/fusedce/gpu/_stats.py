@@ -45,7 +45,7 @@ class StatsBuffers:
         for col, arr in enumerate((out.argmax, out.rank)):
             if arr is not None:
                 arr.reshape(-1)[s0:s0 + n] = i[:, col]
-        if k:
+        if out.topk_ids is not None and out.topk_logprobs is not None:
             out.topk_ids.reshape(-1, k)[s0:s0 + n] = ctx.read(self.topi, n * k, np.int32).reshape(n, k)
             out.topk_logprobs.reshape(-1, k)[s0:s0 + n] = ctx.read(self.topv, n * k).reshape(n, k)
 
