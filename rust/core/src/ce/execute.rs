@@ -292,9 +292,10 @@ where
 
 // ---- softcapped samples: gathered into rows of scores -----------------------
 
-/// A thread's rows for a gathered sample: the scores, their gradient and the
-/// sample's class probabilities, in the compute type.
+/// A thread's rows for a gathered sample: its logits, scores, their
+/// gradient and the sample's class probabilities, in the compute type.
 pub(crate) struct GatherBufs<F> {
+    x: Vec<F>,
     z: Vec<F>,
     dz: Vec<F>,
     probs: Vec<F>,
@@ -318,6 +319,7 @@ pub(crate) fn gather_bufs<F: Real>(
     };
     PerThread::new(if on { threads } else { 1 }, || {
         Ok(GatherBufs {
+            x: row(true)?,
             z: row(true)?,
             dz: row(grad)?,
             probs: row(probs)?,
@@ -383,8 +385,13 @@ impl<T: Elem, O: Elem> Task<T::Acc> for GatherTask<'_, '_, T, O, T::Acc> {
     #[inline(always)]
     fn run<L: Lanes<F = T::Acc>>(self, l: L) -> f64 {
         let (plan, c, sp) = (self.plan, self.plan.k.classes, self.plan.spatial);
-        let GatherBufs { z, dz, probs } = self.bufs;
-        let (z, t) = (&mut z[..c], &plan.transform);
+        let GatherBufs {
+            x: xb,
+            z,
+            dz,
+            probs,
+        } = self.bufs;
+        let (xb, z, t) = (&mut xb[..c], &mut z[..c], &plan.transform);
         let x = match self.io {
             Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
         };
@@ -398,12 +405,11 @@ impl<T: Elem, O: Elem> Task<T::Acc> for GatherTask<'_, '_, T, O, T::Acc> {
                 stride: sp,
             };
             let i = self.sample0 + j;
-            gather(t, read, at, z);
+            gather(read, at, xb);
+            t.scores(l, xb, z);
             let pr = self.probs.map(|pr| {
                 let row = &mut probs[..c];
-                for (k, v) in row.iter_mut().enumerate() {
-                    *v = T::Acc::from_elem(unsafe { pr.get(at.at(k), 1) }[0]);
-                }
+                gather(|p| unsafe { pr.get(p, 1) }[0], at, row);
                 &row[..]
             });
             let input = RowIn {
@@ -415,8 +421,9 @@ impl<T: Elem, O: Elem> Task<T::Acc> for GatherTask<'_, '_, T, O, T::Acc> {
                 Io::Forward(_) => rows::row(l, &plan.k, Io::Forward(&z[..]), input, None),
                 Io::Grad(_, g) | Io::InPlace(g) => {
                     let loss = rows::row(l, &plan.k, Io::Grad(&z[..], &mut dz[..c]), input, None);
+                    t.chain(l, xb, &mut dz[..c]);
                     let write = |p: usize, v: T| unsafe { g.get_mut(p, 1) }[0] = v;
-                    scatter(t, &dz[..c], at, read, write);
+                    scatter(&dz[..c], at, write);
                     loss
                 }
             };

@@ -3,13 +3,15 @@
 //! is given, then `z / temperature`; and its derivative for the gradient.
 //!
 //! Samples whose logits need the map (or whose classes are strided) are
-//! gathered into a contiguous row of scores in the compute type, run by the
-//! row kernels there, and their gradient with respect to the scores is
-//! scattered back times `dz/dx`. With no cap and temperature 1 the map is
-//! the identity and no sample takes this path: the default costs nothing.
+//! gathered into a contiguous row in the compute type, mapped to scores
+//! there (vectorised: `Lanes::tanh`, `Lanes::sech2`), run by the row kernels,
+//! and their gradient with respect to the scores is multiplied by `dz/dx`
+//! and scattered back. With no cap and temperature 1 the map is the identity
+//! and no `(N, C)` sample takes this path: the default costs nothing.
 
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
+use crate::simd::Lanes;
 
 /// `softcap` and `temperature`, in the compute type.
 #[derive(Clone, Copy, Debug)]
@@ -48,35 +50,62 @@ impl<F: Real> Transform<F> {
         self.softcap.is_none() && self.temperature == F::ONE
     }
 
-    /// `z` of the logit `x`.
+    /// `z` of the logits `x`, lane-wise.
     #[inline(always)]
-    pub fn apply(&self, x: F) -> F {
+    pub fn apply<L: Lanes<F = F>>(&self, l: L, x: L::V) -> L::V {
         let capped = match self.softcap {
-            Some(c) => c * (x / c).tanh(),
+            Some(c) => {
+                let cv = l.splat(c);
+                l.mul(cv, l.tanh(l.div(x, cv)))
+            }
             None => x,
         };
         if self.temperature == F::ONE {
             capped
         } else {
-            capped / self.temperature
+            l.div(capped, l.splat(self.temperature))
         }
     }
 
-    /// `dz/dx` at the logit `x`: `sech²(x / softcap) / temperature`, with
-    /// `sech² = 1 / cosh²` (accurate where `1 - tanh²` would cancel).
+    /// `dz/dx` at the logits `x`, lane-wise: `sech²(x / softcap) / temperature`.
     #[inline(always)]
-    pub fn slope(&self, x: F) -> F {
+    pub fn slope<L: Lanes<F = F>>(&self, l: L, x: L::V) -> L::V {
         let s = match self.softcap {
-            Some(c) => {
-                let ch = (x / c).cosh();
-                F::ONE / (ch * ch)
-            }
-            None => F::ONE,
+            Some(c) => l.sech2(l.div(x, l.splat(c))),
+            None => l.splat(F::ONE),
         };
         if self.temperature == F::ONE {
             s
         } else {
-            s / self.temperature
+            l.div(s, l.splat(self.temperature))
+        }
+    }
+
+    /// `z = t(x)` over a row (vectors of `L`, then the one-lane tail).
+    #[inline(always)]
+    pub fn scores<L: Lanes<F = F>>(&self, l: L, x: &[F], z: &mut [F]) {
+        let body = x.len() - x.len() % L::N;
+        let tl = l.tail();
+        for i in (0..body).step_by(L::N) {
+            l.store(self.apply(l, l.load(&x[i..])), &mut z[i..]);
+        }
+        for i in body..x.len() {
+            tl.store(self.apply(tl, tl.load(&x[i..])), &mut z[i..]);
+        }
+    }
+
+    /// `dz *= dz/dx(x)` over a row: the gradient with respect to the logits.
+    #[inline(always)]
+    pub fn chain<L: Lanes<F = F>>(&self, l: L, x: &[F], dz: &mut [F]) {
+        let body = x.len() - x.len() % L::N;
+        let tl = l.tail();
+        for i in (0..body).step_by(L::N) {
+            let g = l.mul(l.load(&dz[i..]), self.slope(l, l.load(&x[i..])));
+            l.store(g, &mut dz[i..]);
+        }
+        for i in body..x.len() {
+            let g = tl.mul(tl.load(&dz[i..]), self.slope(tl, tl.load(&x[i..])));
+            tl.store(g, &mut dz[i..]);
         }
     }
 }
@@ -95,32 +124,18 @@ impl Strided {
     }
 }
 
-/// `z[c] = t(x(at(c)))` for every class.
+/// `xb[c] = x(at(c))` for every class: a sample's logits in the compute type.
 #[inline(always)]
-pub(crate) fn gather<T: Elem, F: Real>(
-    t: &Transform<F>,
-    x: impl Fn(usize) -> T,
-    s: Strided,
-    z: &mut [F],
-) {
-    for (c, zc) in z.iter_mut().enumerate() {
-        *zc = t.apply(F::from_elem(x(s.at(c))));
+pub(crate) fn gather<T: Elem, F: Real>(x: impl Fn(usize) -> T, s: Strided, xb: &mut [F]) {
+    for (c, v) in xb.iter_mut().enumerate() {
+        *v = F::from_elem(x(s.at(c)));
     }
 }
 
-/// `g[at(c)] = dz[c] · dz/dx(x[at(c)])` for every class; `x` is read at a
-/// position before `g` is written there, so `x` and `g` may be one buffer.
+/// `g(at(c), g_c)` for every class: a sample's gradient written back.
 #[inline(always)]
-pub(crate) fn scatter<T: Elem, F: Real>(
-    t: &Transform<F>,
-    dz: &[F],
-    s: Strided,
-    x: impl Fn(usize) -> T,
-    mut g: impl FnMut(usize, T),
-) {
-    for (c, &d) in dz.iter().enumerate() {
-        let at = s.at(c);
-        let slope = t.slope(F::from_elem(x(at)));
-        g(at, (d * slope).to_elem());
+pub(crate) fn scatter<T: Elem, F: Real>(grad: &[F], s: Strided, mut g: impl FnMut(usize, T)) {
+    for (c, &v) in grad.iter().enumerate() {
+        g(s.at(c), v.to_elem());
     }
 }

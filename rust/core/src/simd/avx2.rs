@@ -126,6 +126,25 @@ impl Lanes for Avx2 {
         }
     }
     #[inline(always)]
+    fn div(self, a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_div_ps(a, b) }
+    }
+    #[inline(always)]
+    fn abs(self, a: __m256) -> __m256 {
+        unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), a) }
+    }
+    #[inline(always)]
+    fn copysign(self, mag: __m256, sign: __m256) -> __m256 {
+        unsafe {
+            let s = _mm256_set1_ps(-0.0);
+            _mm256_or_ps(_mm256_andnot_ps(s, mag), _mm256_and_ps(s, sign))
+        }
+    }
+    #[inline(always)]
+    fn select_lt(self, a: __m256, b: __m256, x: __m256, y: __m256) -> __m256 {
+        unsafe { _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)) }
+    }
+    #[inline(always)]
     fn count_gt(self, a: __m256, b: __m256) -> u32 {
         unsafe { (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) as u32).count_ones() }
     }

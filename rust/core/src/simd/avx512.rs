@@ -136,6 +136,29 @@ impl Lanes for Avx512 {
         }
     }
     #[inline(always)]
+    fn div(self, a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
+    fn abs(self, a: __m512) -> __m512 {
+        unsafe { _mm512_abs_ps(a) }
+    }
+    #[inline(always)]
+    fn copysign(self, mag: __m512, sign: __m512) -> __m512 {
+        unsafe {
+            let s = _mm512_set1_epi32(i32::MIN);
+            let m = _mm512_andnot_si512(s, _mm512_castps_si512(mag));
+            _mm512_castsi512_ps(_mm512_or_si512(
+                m,
+                _mm512_and_si512(s, _mm512_castps_si512(sign)),
+            ))
+        }
+    }
+    #[inline(always)]
+    fn select_lt(self, a: __m512, b: __m512, x: __m512, y: __m512) -> __m512 {
+        unsafe { _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b), y, x) }
+    }
+    #[inline(always)]
     fn count_gt(self, a: __m512, b: __m512) -> u32 {
         unsafe { u32::from(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b)).count_ones() }
     }

@@ -63,6 +63,35 @@ macro_rules! scalar_lanes {
                 v
             }
             #[inline(always)]
+            fn div(self, a: $f, b: $f) -> $f {
+                a / b
+            }
+            #[inline(always)]
+            fn abs(self, a: $f) -> $f {
+                a.abs()
+            }
+            #[inline(always)]
+            fn copysign(self, mag: $f, sign: $f) -> $f {
+                mag.copysign(sign)
+            }
+            #[inline(always)]
+            fn select_lt(self, a: $f, b: $f, x: $f, y: $f) -> $f {
+                if a < b {
+                    x
+                } else {
+                    y
+                }
+            }
+            #[inline(always)]
+            fn tanh(self, u: $f) -> $f {
+                u.tanh()
+            }
+            #[inline(always)]
+            fn sech2(self, u: $f) -> $f {
+                let c = u.cosh();
+                1.0 / (c * c)
+            }
+            #[inline(always)]
             fn count_gt(self, a: $f, b: $f) -> u32 {
                 u32::from(a > b)
             }

@@ -248,10 +248,8 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         // SAFETY (both closures): the sample's positions belong to this
         // item, and are touched one at a time, each read before written.
         let read = |p: usize| unsafe { x.get(p, 1) }[0];
-        for (k, v) in xb[..c].iter_mut().enumerate() {
-            *v = F::from_elem(read(at.at(k)));
-        }
-        gather(t, |k| xb[k], Strided { base: 0, stride: 1 }, &mut z[..c]);
+        gather(read, at, &mut xb[..c]);
+        t.scores(l, &xb[..c], &mut z[..c]);
         let row = Row {
             z: &z[..c],
             x: &xb[..c],
@@ -259,8 +257,9 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         let st = stats::row(l, row, y, self.plan.want, kernel);
         if let Io::Grad(_, g) | Io::InPlace(g) = self.io {
             stats::gradient(l, &mut Separate(&z[..c], &mut dz[..c]), c, y, &st, up);
+            t.chain(l, &xb[..c], &mut dz[..c]);
             let write = |p: usize, v: T| unsafe { g.get_mut(p, 1) }[0] = v;
-            scatter(t, &dz[..c], at, read, write);
+            scatter(&dz[..c], at, write);
         }
         (st, &kernel.top)
     }
