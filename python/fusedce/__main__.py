@@ -2,7 +2,10 @@
 shape that checks itself against a float64 reference and reports what it did.
 
 Part 1: cross_entropy over given logits. Part 2: linear_cross_entropy, the
-logits of a language-model head computed chunk by chunk and never stored.
+logits of a language-model head computed chunk by chunk and never stored,
+then the per-token statistics a scoring service wants from the same head
+(linear_token_stats: log-probs, entropy, rank, top-5; perplexity), with a
+check that a token's results do not depend on the batch around it.
 Part 3 (when a WebGPU adapter exists): the same on the GPU path.
 
 Options: ``--tokens N --classes C --hidden D --threads T`` (defaults 4096 x
@@ -164,7 +167,34 @@ def _linear_part(n: int, d: int, c: int, ls: float, t: np.ndarray) -> bool:
     if reset:
         print(f"  peak memory beyond the inputs: {grown:.0f} MiB, of which the returned gradients "
               f"{gbytes:.0f} MiB (the logits alone would be {n * c * 4 / 2**20:.0f} MiB)")
-    return ok
+    return ok and _stats_part(h, w, t)
+
+
+def _stats_part(h: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
+    n, c = h.shape[0], w.shape[0]
+    print(f"linear_token_stats: the same {n} tokens scored against the head (log-prob, entropy, "
+          f"rank, top-5)")
+    t0 = time.perf_counter()
+    st = fusedce.linear_token_stats(h, w, t, top_k=5)
+    t_s = time.perf_counter() - t0
+    real = t != -100
+    ppl = float(np.exp(-st.logprob[real].astype(np.float64).mean()))
+    print(f"  {t_s:8.2f} s; perplexity {ppl:.1f} (random targets and head: about {c} expected), mean entropy "
+          f"{float(st.entropy.mean()):.3f}, target in the top-5 for {float((st.rank[real] < 5).mean()):.1%}")
+    rows = np.arange(0, n, max(1, n // 16))
+    z = h[rows].astype(np.float64) @ w.T.astype(np.float64)
+    lse = np.logaddexp.reduce(z, axis=1)
+    tr = np.where(real[rows], t[rows], 0)
+    want_lp = np.where(real[rows], z[np.arange(len(rows)), tr] - lse, 0.0)
+    want_rank = np.where(real[rows], (z > z[np.arange(len(rows)), tr][:, None]).sum(1), -1)
+    close = bool(np.allclose(st.logprob[rows], want_lp, rtol=2e-5, atol=4e-6 * float(np.abs(lse).max())))
+    close &= bool(np.array_equal(st.rank[rows], want_rank))
+    alone = fusedce.linear_token_stats(h[rows[1]:rows[1] + 1], w, t[rows[1]:rows[1] + 1], top_k=5)
+    same = all(np.array_equal(getattr(alone, f)[0], getattr(st, f)[rows[1]])
+               for f in ("lse", "logprob", "entropy", "rank", "topk_ids", "topk_logprobs"))
+    print(f"  check vs float64 on {len(rows)} rows (log-prob, rank): {'OK' if close else 'MISMATCH'}; "
+          f"token {rows[1]} scored alone gives the same bits as in the batch: {same}")
+    return close and same
 
 
 def _gpu_part(rng: np.random.Generator, c: int, ls: float) -> bool:
