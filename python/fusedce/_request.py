@@ -533,8 +533,9 @@ def stats_problem(dims: Tuple[int, int, int], shape: tuple, target: Any, tempera
                   grad_entropy: Any) -> StatsProblem:
     """The checked statistics problem over logits of ``dims`` = ``(batch,
     classes, spatial)``, whose per-token shape is ``shape``."""
-    if not return_grad and (grad_logprob is not None or grad_entropy is not None):
-        raise ValueError("grad_logprob: upstream gradients are given without return_grad=True")
+    for arg, g in (("grad_logprob", grad_logprob), ("grad_entropy", grad_entropy)):
+        if g is not None and not return_grad:
+            raise ValueError(f"{arg}: an upstream gradient is given without return_grad=True")
     t = _stats_target(target, shape)
     k = int_arg("top_k", top_k)
     if not 0 <= k <= dims[1]:

@@ -249,15 +249,19 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         // item, and are touched one at a time, each read before written.
         let read = |p: usize| unsafe { x.get(p, 1) }[0];
         gather(read, at, &mut xb[..c]);
-        t.scores(l, &xb[..c], &mut z[..c]);
-        let row = Row {
-            z: &z[..c],
-            x: &xb[..c],
-        };
+        // strided classes without a score map: the gathered logits are the scores
+        let mapped = !t.is_identity();
+        if mapped {
+            t.scores(l, &xb[..c], &mut z[..c]);
+        }
+        let zs = if mapped { &z[..c] } else { &xb[..c] };
+        let row = Row { z: zs, x: &xb[..c] };
         let st = stats::row(l, row, y, self.plan.want, kernel);
         if let Io::Grad(_, g) | Io::InPlace(g) = self.io {
-            stats::gradient(l, &mut Separate(&z[..c], &mut dz[..c]), c, y, &st, up);
-            t.chain(l, &xb[..c], &mut dz[..c]);
+            stats::gradient(l, &mut Separate(zs, &mut dz[..c]), c, y, &st, up);
+            if mapped {
+                t.chain(l, &xb[..c], &mut dz[..c]);
+            }
             let write = |p: usize, v: T| unsafe { g.get_mut(p, 1) }[0] = v;
             scatter(&dz[..c], at, write);
         }
