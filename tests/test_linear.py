@@ -120,8 +120,15 @@ def test_matches_float64_reference(p):
     assert loss.dtype == x.dtype
     _close("loss", loss, want[0], tol)
     mx, mw = magnitudes(x, w, want[4])
-    _close("grad_input", g.input, want[1], tol, max(mx, 1e-3 * tol))
-    _close("grad_linear_weight", g.linear_weight, want[2], tol, max(mw, 1e-3 * tol))
+    # A logit's gradient p·a - tw can cancel to 0 (one class, smoothing)
+    # while its float32 terms are of the size of the class weights: the
+    # rounding of those terms bounds the error, not the cancelled result.
+    wmax = 1.0 if p["weight"] is None else max(1.0, float(np.max(p["weight"], initial=1.0)))
+    go = 1.0 if p["grad_output"] is None else max(1.0, float(np.max(np.abs(p["grad_output"]), initial=1.0)))
+    floor_x = wmax * go * float(np.max(np.abs(np.asarray(w, np.float64)), initial=0.0))
+    floor_w = wmax * go * float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
+    _close("grad_input", g.input, want[1], tol, max(mx, floor_x, 1e-3 * tol))
+    _close("grad_linear_weight", g.linear_weight, want[2], tol, max(mw, floor_w, 1e-3 * tol))
     if b is None:
         assert g.linear_bias is None
     else:
