@@ -177,6 +177,7 @@ def _stats_part(h: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
     t0 = time.perf_counter()
     st = fusedce.linear_token_stats(h, w, t, top_k=5)
     t_s = time.perf_counter() - t0
+    assert st.logprob is not None and st.entropy is not None and st.rank is not None
     real = t != -100
     ppl = float(np.exp(-st.logprob[real].astype(np.float64).mean()))
     print(f"  {t_s:8.2f} s; perplexity {ppl:.1f} (random targets and head: about {c} expected), mean entropy "

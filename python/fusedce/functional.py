@@ -226,6 +226,18 @@ def run_linear(req: Any, resident: Any = None) -> np.ndarray:
     return _cpu.linear_cross_entropy(req)
 
 
+@overload
+def token_stats(input: Any, target: Any = ..., *, temperature: float = ..., softcap: Optional[float] = ...,
+                ignore_index: int = ..., top_k: int = ..., stats: Optional[Iterable[str]] = ...,
+                return_grad: Literal[False] = ..., grad_logprob: Any = ..., grad_entropy: Any = ...,
+                grad_out: None = ..., device: str = ...) -> TokenStats: ...
+@overload
+def token_stats(input: Any, target: Any = ..., *, temperature: float = ..., softcap: Optional[float] = ...,
+                ignore_index: int = ..., top_k: int = ..., stats: Optional[Iterable[str]] = ...,
+                return_grad: Literal[True], grad_logprob: Any = ..., grad_entropy: Any = ...,
+                grad_out: Optional[np.ndarray] = ..., device: str = ...) -> Tuple[TokenStats, np.ndarray]: ...
+
+
 def token_stats(
     input: Any,
     target: Any = None,
@@ -300,6 +312,21 @@ def token_stats(
     if req.grad is None:
         return req.out
     return req.out, req.grad
+
+
+@overload
+def linear_token_stats(input: Any, linear_weight: Any, target: Any = ..., *, linear_bias: Any = ...,
+                       options: Optional[LinearCrossEntropyOptions] = ..., temperature: float = ...,
+                       softcap: Optional[float] = ..., ignore_index: int = ..., top_k: int = ...,
+                       stats: Optional[Iterable[str]] = ..., return_grad: Literal[False] = ...,
+                       grad_logprob: Any = ..., grad_entropy: Any = ..., device: str = ...) -> TokenStats: ...
+@overload
+def linear_token_stats(input: Any, linear_weight: Any, target: Any = ..., *, linear_bias: Any = ...,
+                       options: Optional[LinearCrossEntropyOptions] = ..., temperature: float = ...,
+                       softcap: Optional[float] = ..., ignore_index: int = ..., top_k: int = ...,
+                       stats: Optional[Iterable[str]] = ..., return_grad: Literal[True],
+                       grad_logprob: Any = ..., grad_entropy: Any = ...,
+                       device: str = ...) -> Tuple[TokenStats, LinearCrossEntropyGrads]: ...
 
 
 def linear_token_stats(

@@ -62,14 +62,16 @@ pub(crate) fn is_small(logits: usize) -> bool {
     logits <= ITEM_ELEMS
 }
 
-/// `f(scratch, item)` for every item, in parallel (each thread reusing one
-/// scratch from `init`) when there is more than one; results in item order.
+/// `f(scratch, item)` for every item, in parallel on the current pool (each
+/// thread reusing one scratch from `init`) when there is more than one and
+/// the caller runs inside a pool; else on the calling thread (a small call
+/// never reaches rayon's global pool). Results in item order.
 pub(crate) fn map_items<I: Send, S, R: Send>(
     items: Vec<I>,
     init: impl Fn() -> S + Sync + Send,
     f: impl Fn(&mut S, I) -> R + Sync + Send,
 ) -> Vec<R> {
-    if items.len() <= 1 {
+    if items.len() <= 1 || rayon::current_thread_index().is_none() {
         let mut s = init();
         return items.into_iter().map(|i| f(&mut s, i)).collect();
     }
