@@ -106,8 +106,9 @@ def token_stats_ref(x, target=None, temperature=1.0, softcap=None, ignore_index=
         p = np.exp(z - lse)
         pz = np.where(p > 0, p * z, 0.0)  # a masked class (z = -inf) contributes 0
         mean = pz.sum(axis=-1)
-        # a row of -inf has no softmax: its entropy is NaN (as PyTorch's)
-        entropy = np.where(np.isneginf(lse[..., 0]), np.nan, lse[..., 0] - mean)
+        # a row of -inf, or one holding +inf, has no softmax: its entropy is
+        # NaN (as PyTorch's)
+        entropy = np.where(np.isinf(lse[..., 0]), np.nan, lse[..., 0] - mean)
         out: Dict[str, np.ndarray] = {"lse": lse[..., 0], "entropy": entropy}
     # argmax, rank and top-k are those of the logits (the scores are an
     # increasing map of them, whose rounding can merge distinct logits)

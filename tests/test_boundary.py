@@ -295,21 +295,42 @@ def test_fuzz_public_api_raises_documented_errors_or_agrees_with_reference(call)
 def stats_calls(draw):
     """A token_stats / linear_token_stats call with valid or malformed parts."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    x, t, _, grad = draw(calls())
+    if draw(st.integers(0, 3)):  # mostly well-formed logits
+        shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+        dt = draw(st.sampled_from([np.float32, np.float64, np.float16, ml_dtypes.bfloat16]))
+        x = (rng.normal(size=shape) * draw(st.sampled_from([1.0, 50.0]))).astype(dt)
+        if draw(st.booleans()):
+            x.flat[draw(st.integers(0, x.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        t = np.zeros(0, np.float32)
+        grad = draw(st.sampled_from(["none", "fresh"]))
+    else:
+        x, t, _, grad = draw(calls())
+    classes = x.shape[0] if x.ndim == 1 else (x.shape[1] if x.ndim >= 2 else 1)
+
+    def pick(valid, bad):  # mostly valid, so that calls also reach the comparison
+        return draw(st.sampled_from(bad)) if draw(st.integers(0, 5)) == 0 else draw(st.sampled_from(valid))
+
     kw = dict(
-        temperature=draw(st.sampled_from([1.0, 0.5, 0.0, -1.0, float("nan"), float("inf"), "x"])),
-        softcap=draw(st.sampled_from([None, 2.0, 0.0, -1.0, float("nan"), [1.0]])),
-        top_k=draw(st.sampled_from([0, 1, 3, -1, 10**12, 1.5])),
-        stats=draw(st.sampled_from([None, ["lse"], ["logprob", "rank"], ["topk_ids"], ["bad"], "lse", [1]])),
-        ignore_index=draw(st.sampled_from([-100, -1, 0, 2**40, "x"])),
+        temperature=pick([1.0, 0.5, 2.0], [0.0, -1.0, float("nan"), float("inf"), "x"]),
+        softcap=pick([None, 2.0, 30.0], [0.0, -1.0, float("nan"), [1.0]]),
+        top_k=pick([0, 1, classes], [-1, 10**12, 1.5, classes + 1]),
+        stats=pick([None, ["lse"], ["logprob", "rank"], ["entropy", "argmax"]], [["topk_ids"], ["bad"], "lse", [1]]),
+        ignore_index=pick([-100, -1, 0], [2**40, "x"]),
     )
-    if t.dtype.kind == "f":
+    floating = x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16
+    if floating and x.ndim >= 1 and x.size and draw(st.integers(0, 3)):
+        # mostly a well-formed call: class indices of the per-token shape
+        c = x.shape[0] if x.ndim == 1 else x.shape[1]
+        tshape = () if x.ndim == 1 else (x.shape[0],) + x.shape[2:]
+        t = np.where(rng.random(size=tshape) < 0.2, -100, rng.integers(0, c, size=tshape))
+        t = draw(st.sampled_from([None, t, t]))
+    elif t.dtype.kind == "f":
         t = draw(st.sampled_from([None, t]))
     per_token = t.shape if isinstance(t, np.ndarray) else ()
     if grad != "none":
         kw["return_grad"] = True
-        kw["grad_logprob"] = draw(st.sampled_from([None, 1.0, rng.normal(size=per_token), np.ones(7), "x"]))
-        kw["grad_entropy"] = draw(st.sampled_from([None, -0.5, rng.normal(size=per_token)]))
+        kw["grad_logprob"] = pick([None, 1.0, rng.normal(size=per_token)], [np.ones(7), "x"])
+        kw["grad_entropy"] = pick([None, -0.5, rng.normal(size=per_token)], [np.ones((2, 2, 2))])
     linear = draw(st.booleans())
     return x, t, kw, linear, rng
 

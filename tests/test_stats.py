@@ -270,6 +270,13 @@ def test_nan_and_infinite_logits_order_as_numpy():
     np.testing.assert_array_equal(s.topk_ids, [[1, 3], [0, 2], [0, 1]])
     np.testing.assert_array_equal(s.rank, [1, 2, 0])
     assert np.isnan(s.lse[0]) and s.lse[1] == np.inf and s.lse[2] == -np.inf
+    # as torch.logsumexp / log_softmax: NaN wins over -inf and +inf; a finite
+    # class of a row holding +inf has log-prob -inf; no softmax, no entropy
+    one = fusedce.token_stats(np.array([[np.nan], [np.nan], [np.inf]], np.float32)[:, :1])
+    assert np.isnan(one.lse[0]) and one.lse[2] == np.inf
+    mixed = fusedce.token_stats(np.array([[np.nan, -np.inf], [np.inf, 1.0]], np.float32), np.array([1, 1]))
+    assert np.isnan(mixed.lse[0]) and mixed.lse[1] == np.inf
+    assert mixed.logprob[1] == -np.inf and np.isnan(mixed.entropy).all()
 
 
 @pytest.mark.parametrize(

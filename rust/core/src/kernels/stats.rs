@@ -153,9 +153,15 @@ pub(crate) fn row<L: Lanes, T: Elem>(
     let (s, t) = (s1 + s2, t1 + t2);
     let ln_s = s.ln();
     let inv_s = L::F::ONE / s;
-    // a row of -inf has lse -inf; one holding +inf has lse +inf
+    // A row of -inf has lse -inf, one holding +inf has lse +inf, unless it
+    // holds a NaN (the maximum skips NaN; s is NaN in all three cases).
     let lse = if m == L::F::NEG_INFINITY || -m == L::F::NEG_INFINITY {
-        m
+        let nan = z.iter().any(|&v| L::F::from_elem(v).is_nan());
+        if nan {
+            s
+        } else {
+            m
+        }
     } else {
         m + ln_s
     };
@@ -168,12 +174,12 @@ pub(crate) fn row<L: Lanes, T: Elem>(
                 (true, Some(_)) => (n1 + n2) as i64,
                 (true, None) => count_above(l, r.x, xy),
             };
-            ((L::F::from_elem(z[y]) - m) - ln_s, rank)
+            (log_prob(L::F::from_elem(z[y]), m, ln_s, lse), rank)
         }
         _ => (L::F::ZERO, -1),
     };
     for v in sc.top.iter_mut() {
-        v.0 = (L::F::from_elem(z[v.1 as usize]) - m) - ln_s;
+        v.0 = log_prob(L::F::from_elem(z[v.1 as usize]), m, ln_s, lse);
     }
     RowStats {
         lse,
@@ -184,6 +190,18 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         m,
         inv_s,
         mu: L::F::ZERO - t * inv_s,
+    }
+}
+
+/// `log p` of the score `zc`: `(zc - m) - ln s`, which keeps the digits of
+/// `zc - m`; in a row holding `+inf` (where `s` is NaN) `zc - lse`, as
+/// PyTorch's `log_softmax` (`-inf` for a finite score, NaN for `+inf`).
+#[inline(always)]
+fn log_prob<F: Real>(zc: F, m: F, ln_s: F, lse: F) -> F {
+    if -m == F::NEG_INFINITY {
+        zc - lse
+    } else {
+        (zc - m) - ln_s
     }
 }
 
