@@ -317,3 +317,33 @@ def test_examples_reach_what_they_state(name):
     mod = runpy.run_path(str(path), run_name="example")
     argv = ["--sequences", "2", "--length", "128", "--vocab", "5000"] if name == "score_tokens.py" else []
     assert mod["main"](argv) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_gradient_in_place_equals_a_separate_buffer(dtype, softcap):
+    rng = np.random.default_rng(12)
+    x = (rng.normal(size=(6, 300)) * 4).astype(dtype)
+    t = np.argmax(x.astype(np.float32), axis=1)  # targets with a large probability
+    t[2] = -100
+    kw = dict(softcap=softcap, return_grad=True, grad_logprob=1.0, grad_entropy=0.3)
+    s, g = fusedce.token_stats(x, t, **kw)
+    xi = x.copy()
+    s2, g2 = fusedce.token_stats(xi, t, grad_out=xi, **kw)
+    assert g2 is xi
+    np.testing.assert_array_equal(g.view(np.uint8), g2.view(np.uint8))
+    np.testing.assert_array_equal(s.logprob, s2.logprob)
+
+
+def test_linear_token_stats_gradient_where_the_target_is_likely():
+    """The linear driver writes each chunk's gradient over its logits: the
+    target's own term must come from its logit, not the overwritten value."""
+    rng = np.random.default_rng(13)
+    h = rng.normal(size=(16, 8)).astype(np.float64)
+    w = rng.normal(size=(20, 8)) * 2
+    logits = h @ w.T
+    t = np.argmax(logits, axis=1)
+    want, dl = token_stats_ref(logits, t, grad_logprob=1.0, grad_entropy=0.2)
+    _, g = fusedce.linear_token_stats(h, w, t, return_grad=True, grad_logprob=1.0, grad_entropy=0.2)
+    np.testing.assert_allclose(g.input, dl @ w, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g.linear_weight, dl.T @ h, rtol=1e-10, atol=1e-12)

@@ -219,12 +219,16 @@ pub(crate) fn gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     let gl = if y.is_some() { gl } else { L::F::ZERO };
     let a = ge * st.mu - gl;
     let body = c - c % L::N;
-    grad_pass(l, acc, 0, body, st, a, ge);
-    grad_pass(l.tail(), acc, body, c, st, a, ge);
-    if let Some(y) = y {
+    // the target's own gradient, from its score read before the passes
+    // write (in place they overwrite the scores)
+    let own = y.map(|y| {
         let e_y = exp_at(l, acc.x(0), body, y, st.m);
         let d_y = (L::F::from_elem(acc.x(y)[0]) - st.m).max_nan(L::F::from_f64(D_FLOOR));
-        let g = e_y * st.inv_s * (a - ge * d_y) + gl;
+        (y, e_y * st.inv_s * (a - ge * d_y) + gl)
+    });
+    grad_pass(l, acc, 0, body, st, a, ge);
+    grad_pass(l.tail(), acc, body, c, st, a, ge);
+    if let Some((y, g)) = own {
         acc.g(y)[0] = g.to_elem();
     }
 }
