@@ -63,7 +63,7 @@ pub(crate) struct RowStats<F> {
 
 /// `(s, Σ e·(-d), n)` over `z[lo..hi]` (the second only when `entropy`;
 /// `n`: how many scores are above `above`, when given), blocked like the
-/// loss kernel's sums.
+/// loss kernel's sums; `e` keeps the exponentials when given.
 #[inline(always)]
 fn exp_sums<L: Lanes, T: Elem>(
     l: L,
@@ -72,6 +72,7 @@ fn exp_sums<L: Lanes, T: Elem>(
     m: L::F,
     entropy: bool,
     above: Option<L::F>,
+    mut e_out: Option<&mut [L::F]>,
 ) -> (L::F, L::F, u64) {
     let n = L::N;
     let (zero, mv) = (l.splat(L::F::ZERO), l.splat(m));
@@ -91,6 +92,9 @@ fn exp_sums<L: Lanes, T: Elem>(
             let d = l.sub(zv, mv);
             let e = l.exp(d);
             bs = l.add(bs, e);
+            if let Some(eo) = e_out.as_deref_mut() {
+                l.store(e, &mut eo[i..]);
+            }
             if entropy {
                 // -d >= 0; a masked class (d = -inf) has e = 0: clamp d.
                 let dc = l.max(d, floor);
@@ -123,7 +127,8 @@ impl<T> Row<'_, T> {
 
 /// The statistics of a row (`y`: the target class, if any and not
 /// ignored). The top-k, when asked for, is left in `sc.top` as
-/// `(logprob, class)`, best first.
+/// `(logprob, class)`, best first. `e_out` (room for `C` values) keeps the
+/// exponentials for [`gradient`].
 #[inline(always)]
 pub(crate) fn row<L: Lanes, T: Elem>(
     l: L,
@@ -131,6 +136,7 @@ pub(crate) fn row<L: Lanes, T: Elem>(
     y: Option<usize>,
     want: Want,
     sc: &mut Scratch<L::F>,
+    e_out: Option<&mut [L::F]>,
 ) -> RowStats<L::F> {
     let (z, c) = (r.z, r.z.len());
     let body = c - c % L::N;
@@ -148,8 +154,17 @@ pub(crate) fn row<L: Lanes, T: Elem>(
     // without a score map the rank is counted in the same pass
     let x_y = y.map(|y| L::F::from_elem(r.x[y]));
     let fused_rank = x_y.filter(|_| want.rank && !r.mapped());
-    let (s1, t1, n1) = exp_sums(l, z, (0, body), m, want.entropy, fused_rank);
-    let (s2, t2, n2) = exp_sums(l.tail(), z, (body, c), m, want.entropy, fused_rank);
+    let mut e_out = e_out;
+    let (s1, t1, n1) = exp_sums(
+        l,
+        z,
+        (0, body),
+        m,
+        want.entropy,
+        fused_rank,
+        e_out.as_deref_mut(),
+    );
+    let (s2, t2, n2) = exp_sums(l.tail(), z, (body, c), m, want.entropy, fused_rank, e_out);
     let (s, t) = (s1 + s2, t1 + t2);
     let ln_s = s.ln();
     let inv_s = L::F::ONE / s;
@@ -215,6 +230,7 @@ pub(crate) fn gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     y: Option<usize>,
     st: &RowStats<L::F>,
     (gl, ge): (L::F, L::F),
+    e: Option<&[L::F]>,
 ) {
     let gl = if y.is_some() { gl } else { L::F::ZERO };
     let a = ge * st.mu - gl;
@@ -222,34 +238,41 @@ pub(crate) fn gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     // the target's own gradient, from its score read before the passes
     // write (in place they overwrite the scores)
     let own = y.map(|y| {
-        let e_y = exp_at(l, acc.x(0), body, y, st.m);
+        let e_y = match e {
+            Some(e) => e[y],
+            None => exp_at(l, acc.x(0), body, y, st.m),
+        };
         let d_y = (L::F::from_elem(acc.x(y)[0]) - st.m).max_nan(L::F::from_f64(D_FLOOR));
         (y, e_y * st.inv_s * (a - ge * d_y) + gl)
     });
-    grad_pass(l, acc, 0, body, st, a, ge);
-    grad_pass(l.tail(), acc, body, c, st, a, ge);
+    grad_pass(l, acc, (0, body), st, (a, ge), e);
+    grad_pass(l.tail(), acc, (body, c), st, (a, ge), e);
     if let Some((y, g)) = own {
         acc.g(y)[0] = g.to_elem();
     }
 }
 
-/// `G = e / s · (a - ge · max(d, D_FLOOR))` over `lo..hi`.
+/// `G = e / s · (a - ge · max(d, D_FLOOR))` over `lo..hi`, with `e` kept
+/// by the sums' pass or computed again (the same instructions: same bits).
 #[inline(always)]
 fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     l: L,
     acc: &mut A,
-    lo: usize,
-    hi: usize,
+    (lo, hi): (usize, usize),
     st: &RowStats<L::F>,
-    a: L::F,
-    ge: L::F,
+    (a, ge): (L::F, L::F),
+    e: Option<&[L::F]>,
 ) {
     let (mv, inv, av, gev) = (l.splat(st.m), l.splat(st.inv_s), l.splat(a), l.splat(ge));
     let floor = l.splat(L::F::from_f64(D_FLOOR));
     let mut i = lo;
     while i + L::N <= hi {
         let d = l.sub(l.load(acc.x(i)), mv);
-        let p = l.mul(l.exp(d), inv);
+        let ev = match e {
+            Some(e) => l.load(&e[i..]),
+            None => l.exp(d),
+        };
+        let p = l.mul(ev, inv);
         let dc = l.max(d, floor);
         let g = l.mul(p, l.sub(av, l.mul(gev, dc)));
         l.store(g, acc.g(i));

@@ -14,17 +14,19 @@ use crate::error::CeError;
 use crate::kernels::columns::Shared;
 use crate::kernels::stats::{self, Row, RowStats, Scratch};
 use crate::kernels::transform::{gather, scatter, Strided};
-use crate::kernels::{Same, Separate};
+use crate::kernels::{Same, Separate, SCRATCH_MAX};
 use crate::simd::{Compute, Lanes, Task};
 use crate::threads::{filled, PerThread};
 
 /// Logits per work item.
 const ITEM_ELEMS: usize = 1 << 16;
 
-/// One thread's buffers: the kernel's scratch, and a gathered sample's
-/// logits, scores and their gradient.
+/// One thread's buffers: the kernel's scratch, the exponentials kept for
+/// the gradient (when there is one and the row is at most `SCRATCH_MAX`),
+/// and a gathered sample's logits, scores and their gradient.
 pub(crate) struct ThreadBufs<F> {
     kernel: Scratch<F>,
+    e: Vec<F>,
     x: Vec<F>,
     z: Vec<F>,
     dz: Vec<F>,
@@ -38,6 +40,7 @@ impl<F: Real> ThreadBufs<F> {
         let row = |on: bool| filled(if on { c } else { 0 }, F::ZERO, "a row of scores");
         Ok(ThreadBufs {
             kernel,
+            e: row(grad && c <= SCRATCH_MAX)?,
             x: row(gathered)?,
             z: row(gathered)?,
             dz: row(gathered && grad)?,
@@ -53,6 +56,11 @@ pub(crate) fn thread_bufs<F: Real>(
     grad: bool,
 ) -> Result<PerThread<ThreadBufs<F>>, CeError> {
     PerThread::new(threads, || ThreadBufs::new(plan, gathers(plan), grad))
+}
+
+/// The row of exponentials for a gradient, when one was reserved.
+fn exps<F>(e: &mut [F], c: usize, grad: bool) -> Option<&mut [F]> {
+    (grad && e.len() >= c).then(|| &mut e[..c])
 }
 
 /// Whether the samples must be gathered (strided classes, or a score map).
@@ -202,24 +210,28 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         // SAFETY: the sample's logits are only read here (an in-place
         // gradient is written below, after this slice is gone).
         let xs = unsafe { x.get(base, c) };
+        let ThreadBufs { kernel, e, .. } = &mut *self.bufs;
+        let mut e = exps(e, c, self.io.wants_grad());
         let st = stats::row(
             l,
             Row { z: xs, x: xs },
             y,
             self.plan.want,
-            &mut self.bufs.kernel,
+            kernel,
+            e.as_deref_mut(),
         );
+        let e = e.as_deref();
         match self.io {
             Io::Forward(_) => {}
             Io::Grad(x, g) => {
                 // SAFETY: the sample's gradient positions belong to this item.
                 let (xs, gs) = unsafe { (x.get(base, c), g.get_mut(base, c)) };
-                stats::gradient(l, &mut Separate(xs, gs), c, y, &st, up);
+                stats::gradient(l, &mut Separate(xs, gs), c, y, &st, up, e);
             }
             Io::InPlace(g) => {
                 // SAFETY: as above; the only live slice of these positions.
                 let gs = unsafe { g.get_mut(base, c) };
-                stats::gradient(l, &mut Same(gs), c, y, &st, up);
+                stats::gradient(l, &mut Same(gs), c, y, &st, up, e);
             }
         }
         (st, &self.bufs.kernel.top)
@@ -238,10 +250,12 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         let t = &self.plan.transform;
         let ThreadBufs {
             kernel,
+            e,
             x: xb,
             z,
             dz,
         } = &mut *self.bufs;
+        let mut e = exps(e, c, self.io.wants_grad());
         let x = match self.io {
             Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
         };
@@ -256,9 +270,17 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         }
         let zs = if mapped { &z[..c] } else { &xb[..c] };
         let row = Row { z: zs, x: &xb[..c] };
-        let st = stats::row(l, row, y, self.plan.want, kernel);
+        let st = stats::row(l, row, y, self.plan.want, kernel, e.as_deref_mut());
         if let Io::Grad(_, g) | Io::InPlace(g) = self.io {
-            stats::gradient(l, &mut Separate(zs, &mut dz[..c]), c, y, &st, up);
+            stats::gradient(
+                l,
+                &mut Separate(zs, &mut dz[..c]),
+                c,
+                y,
+                &st,
+                up,
+                e.as_deref(),
+            );
             if mapped {
                 t.chain(l, &xb[..c], &mut dz[..c]);
             }
