@@ -132,7 +132,8 @@ def token_stats_ref(x, target=None, temperature=1.0, softcap=None, ignore_index=
             out["logprob"] = np.where(keep, zy - lse[..., 0], 0.0)
         xy = np.take_along_axis(xr, ys[..., None], -1)
         out["rank"] = np.where(keep, (xr > xy).sum(axis=-1), -1)
-        onehot = np.eye(c)[ys]
+        onehot = np.zeros(z.shape)
+        np.put_along_axis(onehot, ys[..., None], 1.0, -1)
         grad = grad + np.where(keep, gl, 0.0)[..., None] * (onehot - p)
     slope = (1.0 if softcap is None else 1.0 - np.tanh(xb / softcap) ** 2) / temperature
     grad = np.moveaxis(grad, -1, 1) * slope

@@ -122,14 +122,18 @@ def test_token_stats_match_float64_reference(p):
             np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
 
 
-def test_entropy_is_accurate_at_a_quarter_million_classes():
+def test_float32_statistics_keep_their_accuracy_up_to_a_quarter_million_classes():
     rng = np.random.default_rng(5)
-    for c in (50_000, 256_000):
+    for c in (1000, 50_000, 256_000):
         x = (rng.normal(size=(2, c)) * 4).astype(np.float32)
-        want, _ = token_stats_ref(x.astype(np.float64))
-        got = fusedce.token_stats(x)
-        np.testing.assert_allclose(got.entropy, want["entropy"], rtol=2e-5, atol=4e-6 * 20)
-        np.testing.assert_allclose(got.lse, want["lse"], rtol=2e-5)
+        t = rng.integers(0, c, size=2)
+        want, want_grad = token_stats_ref(x.astype(np.float64), t, top_k=5, grad_logprob=1.0, grad_entropy=0.5)
+        got, grad = fusedce.token_stats(x, t, top_k=5, return_grad=True, grad_logprob=1.0, grad_entropy=0.5)
+        mag = float(np.abs(want["lse"]).max())  # the row's magnitude
+        for name in ("entropy", "lse", "logprob", "topk_logprobs"):
+            np.testing.assert_allclose(getattr(got, name), want[name], rtol=2e-5, atol=4e-6 * mag, err_msg=name)
+        np.testing.assert_array_equal(got.rank, want["rank"])
+        np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=4e-6 * float(np.abs(want_grad).max()))
 
 
 def test_gradients_match_finite_differences_in_float64():
