@@ -9,7 +9,7 @@ use super::io::{Io, Logits};
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
-use crate::kernels::columns::{self, Image, LaneIn, Shared};
+use crate::kernels::columns::{self, Image, LaneIn, Shared, SharedIo};
 use crate::kernels::rows::{self, RowIn};
 use crate::kernels::transform::{gather, scatter, Strided};
 use crate::kernels::{SampleTarget, SCRATCH_MAX};
@@ -253,11 +253,7 @@ where
     let (c, sp) = (plan.k.classes, plan.spatial);
     let batch = io.len() / (c * sp);
     let want_grad = io.wants_grad();
-    let io = match io {
-        Io::Forward(x) => Io::Forward(Shared::from_ref(x)),
-        Io::Grad(x, g) => Io::Grad(Shared::from_ref(x), Shared::new(g)),
-        Io::InPlace(x) => Io::InPlace(Shared::new(x)),
-    };
+    let io = SharedIo::from_logits(io);
     let probs = probs.map(Shared::from_ref);
     let losses = out.losses.map(Shared::new);
     let items: Vec<(usize, usize, usize)> = (0..batch)
@@ -342,11 +338,7 @@ where
 {
     let c = plan.k.classes;
     let n = io.len() / c;
-    let io = match io {
-        Io::Forward(x) => Io::Forward(Shared::from_ref(x)),
-        Io::Grad(x, g) => Io::Grad(Shared::from_ref(x), Shared::new(g)),
-        Io::InPlace(x) => Io::InPlace(Shared::new(x)),
-    };
+    let io = SharedIo::from_logits(io);
     let probs = probs.map(Shared::from_ref);
     let losses = out.losses.map(Shared::new);
     let per = (ITEM_ELEMS / c).max(1);
@@ -374,7 +366,7 @@ where
 struct GatherTask<'a, 'p, T, O, F> {
     plan: &'p Plan<'p, F>,
     sample0: usize,
-    io: Io<Shared<T>, Shared<T>>,
+    io: SharedIo<T>,
     probs: Option<Shared<T>>,
     losses: Option<Shared<O>>,
     /// Local sample range of this item.
@@ -394,9 +386,7 @@ impl<T: Elem, O: Elem> Task<T::Acc> for GatherTask<'_, '_, T, O, T::Acc> {
             probs,
         } = self.bufs;
         let (xb, z, t) = (&mut xb[..c], &mut z[..c], &plan.transform);
-        let x = match self.io {
-            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
-        };
+        let x = self.io.logits();
         // SAFETY (every closure below): the item's samples are its own, and
         // each position is touched alone, read before it is written.
         let read = |p: usize| unsafe { x.get(p, 1) }[0];

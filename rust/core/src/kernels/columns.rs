@@ -3,7 +3,7 @@
 //! transposing copy is made.
 
 use super::{finish, sample_scale, target_grad, Consts, SampleTarget, Sums};
-use crate::ce::io::Io;
+use crate::ce::io::{Io, Logits};
 use crate::elem::{Elem, Real};
 use crate::simd::Lanes;
 
@@ -61,11 +61,40 @@ impl<T> Shared<T> {
     }
 }
 
+/// [`Io`] over shared pointers: what work items running on several threads
+/// hold (each touches only its own samples' positions).
+pub(crate) type SharedIo<T> = Io<Shared<T>, Shared<T>>;
+
+impl<T> SharedIo<T> {
+    pub fn from_logits(io: Logits<'_, T>) -> Self {
+        match io {
+            Io::Forward(x) => Io::Forward(Shared::from_ref(x)),
+            Io::Grad(x, g) => Io::Grad(Shared::from_ref(x), Shared::new(g)),
+            Io::InPlace(x) => Io::InPlace(Shared::new(x)),
+        }
+    }
+
+    /// The logits (over the gradient, for `InPlace`).
+    pub fn logits(&self) -> Shared<T> {
+        match *self {
+            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
+        }
+    }
+
+    /// Where the gradient goes, if anywhere.
+    pub fn grad(&self) -> Option<Shared<T>> {
+        match *self {
+            Io::Forward(_) => None,
+            Io::Grad(_, g) | Io::InPlace(g) => Some(g),
+        }
+    }
+}
+
 /// One image `n` of a K-dimensional problem: logits, probabilities and
 /// gradient share the layout `(C, S)` starting at `base`.
 pub(crate) struct Image<T> {
     /// The logits and where their gradient goes.
-    pub io: Io<Shared<T>, Shared<T>>,
+    pub io: SharedIo<T>,
     pub probs: Option<Shared<T>>,
     pub base: usize,
     pub spatial: usize,
@@ -73,15 +102,10 @@ pub(crate) struct Image<T> {
 
 impl<T> Image<T> {
     fn x(&self) -> Shared<T> {
-        match self.io {
-            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
-        }
+        self.io.logits()
     }
     fn g(&self) -> Option<Shared<T>> {
-        match self.io {
-            Io::Forward(_) => None,
-            Io::Grad(_, g) | Io::InPlace(g) => Some(g),
-        }
+        self.io.grad()
     }
 }
 

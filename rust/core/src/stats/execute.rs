@@ -11,7 +11,7 @@ use crate::ce::execute::map_items;
 use crate::ce::{Io, Logits};
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
-use crate::kernels::columns::Shared;
+use crate::kernels::columns::{Shared, SharedIo};
 use crate::kernels::stats::{self, Row, RowStats, Scratch};
 use crate::kernels::transform::{gather, scatter, Strided};
 use crate::kernels::{Same, Separate, SCRATCH_MAX};
@@ -133,11 +133,7 @@ pub(crate) fn execute<T: Elem, O: Elem>(
     if n == 0 {
         return;
     }
-    let io = match io {
-        Io::Forward(x) => Io::Forward(Shared::from_ref(x)),
-        Io::Grad(x, g) => Io::Grad(Shared::from_ref(x), Shared::new(g)),
-        Io::InPlace(x) => Io::InPlace(Shared::new(x)),
-    };
+    let io = SharedIo::from_logits(io);
     let outs = Outs::new(out);
     let per = (ITEM_ELEMS / c).max(1);
     let items: Vec<usize> = (0..n).step_by(per).collect();
@@ -162,7 +158,7 @@ pub(crate) fn execute<T: Elem, O: Elem>(
 struct StatsTask<'a, 'p, T, O, F> {
     plan: &'p StatsPlan<'p, F>,
     sample0: usize,
-    io: Io<Shared<T>, Shared<T>>,
+    io: SharedIo<T>,
     outs: Outs<O>,
     /// Local sample range of this item.
     samples: (usize, usize),
@@ -204,9 +200,7 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
         up: (F, F),
     ) -> (RowStats<F>, &[(F, u32)]) {
         let c = self.plan.classes;
-        let x = match self.io {
-            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
-        };
+        let x = self.io.logits();
         // SAFETY: the sample's logits are only read here (an in-place
         // gradient is written below, after this slice is gone).
         let xs = unsafe { x.get(base, c) };
@@ -256,9 +250,7 @@ impl<'a, T: Elem, O, F: Real> StatsTask<'a, '_, T, O, F> {
             dz,
         } = &mut *self.bufs;
         let mut e = exps(e, c, self.io.wants_grad());
-        let x = match self.io {
-            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
-        };
+        let x = self.io.logits();
         // SAFETY (both closures): the sample's positions belong to this
         // item, and are touched one at a time, each read before written.
         let read = |p: usize| unsafe { x.get(p, 1) }[0];
