@@ -56,6 +56,23 @@ pub fn num_threads() -> Result<usize, CeError> {
     Ok(pool()?.current_num_threads())
 }
 
+/// `f(threads)` for a call: a `small` one on the calling thread (`threads`
+/// = 1: handing it to the pool costs more than it does), any other inside
+/// the pool, with its thread count. Work items are fixed by the shape, so
+/// the bits are the same either way. Also reports a malformed environment.
+pub(crate) fn run<R: Send>(
+    small: bool,
+    f: impl FnOnce(usize) -> Result<R, CeError> + Send,
+) -> Result<R, CeError> {
+    let pool = pool()?;
+    if small {
+        f(1)
+    } else {
+        let threads = pool.current_num_threads();
+        pool.install(|| f(threads))
+    }
+}
+
 /// One `B` (a thread's scratch buffers) per thread of a call, made before
 /// the call writes anything, so that a refused allocation is an error and
 /// not a half-written output.

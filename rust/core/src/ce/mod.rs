@@ -41,16 +41,10 @@ where
         Targets::Probs(t) => Some(t),
         Targets::Index(_) => None,
     };
-    let pool = threads::pool()?;
-    let small = execute::is_small(numel);
-    let threads = if small { 1 } else { pool.current_num_threads() };
-    let bufs = execute::gather_bufs(&plan, threads, logits.wants_grad(), probs.is_some())?;
-    let out = Outputs { losses };
-    let total = if small {
-        execute(&plan, 0, logits, probs, out, &bufs)
-    } else {
-        pool.install(|| execute(&plan, 0, logits, probs, out, &bufs))
-    };
+    let total = threads::run(execute::is_small(numel), |threads| {
+        let bufs = execute::gather_bufs(&plan, threads, logits.wants_grad(), probs.is_some())?;
+        Ok(execute(&plan, 0, logits, probs, Outputs { losses }, &bufs))
+    })?;
     Ok(plan.reduce(total))
 }
 #[cfg(test)]

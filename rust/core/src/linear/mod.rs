@@ -205,7 +205,7 @@ fn run_ce<T: Elem, G: GemmReal + Default>(
         Targets::Index(_) => None,
     };
     let s = p.linear.spatial;
-    with_threads(&p.linear, |threads| {
+    threads::run(is_small(&p.linear), |threads| {
         let gather = gather_bufs(&plan, threads, grads.is_some(), probs.is_some())?;
         let total = drive::<T, G>(&p.linear, probs, grads, threads, |(r0, r1), io, probs| {
             let chunk_losses = losses.as_deref_mut().map(|l| &mut l[r0 * s..r1 * s]);
@@ -255,7 +255,7 @@ fn run_stats<T: Elem, G: GemmReal + Default, O: Elem>(
     let plan = StatsPlan::<G>::new(st, grad, grads.is_some())?;
     out.check(&plan)?;
     let (s, k) = (l.spatial, st.top_k);
-    with_threads(l, |threads| {
+    threads::run(is_small(l), |threads| {
         let bufs = stats::execute::thread_bufs(&plan, threads, grads.is_some())?;
         drive::<T, G>(l, None, grads, threads, |(r0, r1), io, _| {
             let chunk = out.samples(r0 * s, r1 * s, k);
@@ -266,28 +266,10 @@ fn run_stats<T: Elem, G: GemmReal + Default, O: Elem>(
     })
 }
 
-/// `f(threads)`: on the calling thread for small calls (handing them to
-/// the pool costs more than they do), else inside the pool. The products
-/// give the same bits on any thread count.
-fn with_threads<T: Elem, R: Send>(
-    l: &Linear<'_, T>,
-    f: impl FnOnce(usize) -> Result<R, CeError> + Send,
-) -> Result<R, CeError> {
-    // Nothing has been written so far; from here on only a refused
-    // allocation (before the first write) can fail.
-    let pool = threads::pool()?;
-    let cs = l.classes * l.spatial;
-    let small = l
-        .batch
-        .saturating_mul(cs)
-        .saturating_mul(l.in_features.max(1))
-        <= SMALL_MACS;
-    if small {
-        f(1)
-    } else {
-        let threads = pool.current_num_threads();
-        pool.install(|| f(threads))
-    }
+/// Whether the call is small enough to run on the calling thread.
+fn is_small<T>(l: &Linear<'_, T>) -> bool {
+    let macs = l.batch.saturating_mul(l.classes * l.spatial);
+    macs.saturating_mul(l.in_features.max(1)) <= SMALL_MACS
 }
 
 /// Runs the chunks of `l`: per chunk the logits, then `on_logits((r0, r1),

@@ -172,16 +172,11 @@ where
         check_len("grad_out", g.len(), numel, "the input's size")?;
     }
     out.check(&plan)?;
-    let pool = threads::pool()?;
-    let small = crate::ce::execute::is_small(numel);
-    let threads = if small { 1 } else { pool.current_num_threads() };
-    let bufs = execute::thread_bufs(&plan, threads, logits.wants_grad())?;
-    if small {
-        execute::execute(&plan, 0, logits, out, &bufs)
-    } else {
-        pool.install(|| execute::execute(&plan, 0, logits, out, &bufs))
-    }
-    Ok(())
+    threads::run(crate::ce::execute::is_small(numel), |threads| {
+        let bufs = execute::thread_bufs(&plan, threads, logits.wants_grad())?;
+        execute::execute(&plan, 0, logits, out, &bufs);
+        Ok(())
+    })
 }
 
 #[cfg(test)]
