@@ -5,6 +5,7 @@
 
 use crate::elem::{same_type, Elem, Real};
 use crate::error::CeError;
+use crate::threads::filled;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -14,17 +15,11 @@ const CONVERT_PIECE: usize = 1 << 16;
 /// small under test, so that unit tests cover many blocks.
 pub(crate) const WEIGHT_BLOCK_BYTES: usize = if cfg!(test) { 4096 } else { 64 << 20 };
 
-/// A zeroed vector of `len` values, or an error naming `what`.
+/// A zeroed vector of `len` values, or an error naming `what` and the
+/// option that makes the linear driver's buffers smaller.
 pub(crate) fn zeros<G: Clone + Default>(len: usize, what: &str) -> Result<Vec<G>, CeError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| {
-        CeError::Resource(format!(
-            "could not allocate {what}: {} bytes; choose a smaller batch_chunk_size",
-            len.saturating_mul(std::mem::size_of::<G>())
-        ))
-    })?;
-    v.resize(len, G::default());
-    Ok(v)
+    filled(len, G::default(), what)
+        .map_err(|e| CeError::Resource(format!("{e}; choose a smaller batch_chunk_size")))
 }
 
 /// `dst[i] = src[i]` converted (through f64: exact for every pair of
