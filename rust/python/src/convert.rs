@@ -105,7 +105,7 @@ storage!(f16, u16, true, reinterpret_cast, reinterpret_cast_mut);
 storage!(bf16, u16, true, reinterpret_cast, reinterpret_cast_mut);
 
 /// `obj` as a numpy array of `E`, or a TypeError naming `arg`.
-fn array<'py, E: numpy::Element>(
+pub(crate) fn array<'py, E: numpy::Element>(
     arg: &str,
     obj: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArrayDyn<E>>> {
@@ -224,8 +224,13 @@ pub(crate) enum GradOutputArray<'py> {
 
 impl<'py> GradOutputArray<'py> {
     pub fn borrow(g: &GradOutput<'py>) -> PyResult<Self> {
+        Self::borrow_as("grad_output", g)
+    }
+
+    /// Borrows an upstream gradient passed as `arg`.
+    pub fn borrow_as(arg: &str, g: &GradOutput<'py>) -> PyResult<Self> {
         Ok(match g {
-            GradOutput::PerSample(a) => GradOutputArray::PerSample(read("grad_output", a)?),
+            GradOutput::PerSample(a) => GradOutputArray::PerSample(read(arg, a)?),
             GradOutput::Scalar(v) => GradOutputArray::Scalar(*v),
         })
     }

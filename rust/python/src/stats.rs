@@ -1,8 +1,8 @@
 //! `token_stats` and `linear_token_stats`.
 
 use crate::convert::{
-    borrow_io, by_dtype, check_disjoint, io_slices, read, slice, slice_mut, span, write, Dtype,
-    GradOutput, Storage,
+    array, borrow_io, by_dtype, check_disjoint, io_slices, read, slice, slice_mut, span, write,
+    Dtype, GradOutput, GradOutputArray, Storage,
 };
 use crate::error::CoreError;
 use crate::linear::{check_linear_disjoint, LinearArrays, LinearFields};
@@ -49,40 +49,34 @@ pub(crate) struct StatsOutputs<'py> {
 /// The problem's arrays, borrowed.
 struct ProblemArrays<'py> {
     target: Option<PyReadonlyArrayDyn<'py, i64>>,
-    grad_logprob: Upstream<'py>,
-    grad_entropy: Upstream<'py>,
+    grad_logprob: Option<GradOutputArray<'py>>,
+    grad_entropy: Option<GradOutputArray<'py>>,
 }
 
-enum Upstream<'py> {
-    Zero,
-    Scalar(f64),
-    PerToken(PyReadonlyArrayDyn<'py, f64>),
+fn borrow_upstream<'py>(
+    arg: &str,
+    g: &Option<GradOutput<'py>>,
+) -> PyResult<Option<GradOutputArray<'py>>> {
+    g.as_ref()
+        .map(|g| GradOutputArray::borrow_as(arg, g))
+        .transpose()
 }
 
-impl<'py> Upstream<'py> {
-    fn borrow(arg: &str, g: &Option<GradOutput<'py>>) -> PyResult<Self> {
-        Ok(match g {
-            None => Upstream::Zero,
-            Some(GradOutput::Scalar(v)) => Upstream::Scalar(*v),
-            Some(GradOutput::PerSample(a)) => Upstream::PerToken(read(arg, a)?),
-        })
-    }
-
-    fn get(&self, arg: &str) -> PyResult<core::Upstream<'_>> {
-        Ok(match self {
-            Upstream::Zero => core::Upstream::Zero,
-            Upstream::Scalar(v) => core::Upstream::Scalar(*v),
-            Upstream::PerToken(a) => core::Upstream::PerToken(slice(arg, a)?),
-        })
-    }
+/// A per-token upstream gradient passed as `arg`, for the core (absent: zero).
+fn upstream<'a>(arg: &str, g: &'a Option<GradOutputArray<'_>>) -> PyResult<core::Upstream<'a>> {
+    Ok(match g {
+        None => core::Upstream::Zero,
+        Some(GradOutputArray::Scalar(v)) => core::Upstream::Scalar(*v),
+        Some(GradOutputArray::PerSample(a)) => core::Upstream::PerToken(slice(arg, a)?),
+    })
 }
 
 impl<'py> ProblemArrays<'py> {
     fn borrow(p: &StatsProblem<'py>) -> PyResult<Self> {
         Ok(ProblemArrays {
             target: p.target.as_ref().map(|t| read("target", t)).transpose()?,
-            grad_logprob: Upstream::borrow("grad_logprob", &p.grad_logprob)?,
-            grad_entropy: Upstream::borrow("grad_entropy", &p.grad_entropy)?,
+            grad_logprob: borrow_upstream("grad_logprob", &p.grad_logprob)?,
+            grad_entropy: borrow_upstream("grad_entropy", &p.grad_entropy)?,
         })
     }
 
@@ -109,8 +103,8 @@ impl<'py> ProblemArrays<'py> {
             },
         };
         let grad = core::StatsGrad {
-            logprob: self.grad_logprob.get("grad_logprob")?,
-            entropy: self.grad_entropy.get("grad_entropy")?,
+            logprob: upstream("grad_logprob", &self.grad_logprob)?,
+            entropy: upstream("grad_entropy", &self.grad_entropy)?,
         };
         Ok((stats, grad))
     }
@@ -124,7 +118,7 @@ impl<'py> ProblemArrays<'py> {
             ("grad_logprob", &self.grad_logprob),
             ("grad_entropy", &self.grad_entropy),
         ] {
-            if let Upstream::PerToken(a) = u {
+            if let Some(GradOutputArray::PerSample(a)) = u {
                 v.push((arg, span(slice(arg, a)?)));
             }
         }
@@ -148,15 +142,7 @@ fn borrow_out<'py, E: numpy::Element>(
     a: &Option<Bound<'py, PyAny>>,
 ) -> PyResult<Option<PyReadwriteArrayDyn<'py, E>>> {
     a.as_ref()
-        .map(|a| {
-            let arr = a.cast::<PyArrayDyn<E>>().map_err(|_| {
-                pyo3::exceptions::PyTypeError::new_err(format!(
-                    "{arg}: expected a numpy array of {}",
-                    std::any::type_name::<E>()
-                ))
-            })?;
-            write(arg, arr)
-        })
+        .map(|a| write(arg, &array::<E>(arg, a)?))
         .transpose()
 }
 
