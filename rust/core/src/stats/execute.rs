@@ -42,7 +42,7 @@ impl<F: Real> ThreadBufs<F> {
             kernel,
             e: row(grad && c <= SCRATCH_MAX)?,
             x: row(gathered)?,
-            z: row(gathered)?,
+            z: row(gathered && !plan.transform.is_identity())?,
             dz: row(gathered && grad)?,
         })
     }
