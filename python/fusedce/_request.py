@@ -138,6 +138,14 @@ def weight_arg(weight: Any, classes: int) -> Optional[np.ndarray]:
     return readable(w, np.float64)
 
 
+def _class_indices(t: np.ndarray) -> np.ndarray:
+    """Integer class indices as int64 (a uint64 index beyond int64's range
+    is out of bounds, as PyTorch says)."""
+    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64.max:
+        raise IndexError(f"target: Target {int(t.max())} is out of bounds.")
+    return readable(t, np.int64)
+
+
 def _target(target: Any, logits_shape: tuple, dtype: np.dtype) -> np.ndarray:
     """Class indices (int64) or probabilities (``dtype``), told apart by
     PyTorch's rule: a floating target of the logits' shape holds probabilities."""
@@ -167,9 +175,7 @@ def _target(target: Any, logits_shape: tuple, dtype: np.dtype) -> np.ndarray:
             f"target: expected class indices of shape {shape_str(index_shape)} for input of shape "
             f"{shape_str(logits_shape)}, got {shape_str(t.shape)}"
         )
-    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64.max:
-        raise IndexError(f"target: Target {int(t.max())} is out of bounds.")
-    return readable(t, np.int64)
+    return _class_indices(t)
 
 
 def _grad_output(grad_output: Any, reduction: str, loss_shape: tuple) -> Union[float, np.ndarray]:
@@ -523,9 +529,7 @@ def _stats_target(target: Any, shape: tuple) -> Optional[np.ndarray]:
         raise TypeError(f"target: expected an integer array of class indices, got dtype {t.dtype}")
     if t.shape != shape:
         raise ValueError(f"target: expected class indices of shape {shape_str(shape)}, got {shape_str(t.shape)}")
-    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64.max:
-        raise IndexError(f"target: Target {int(t.max())} is out of bounds.")
-    return readable(t, np.int64)
+    return _class_indices(t)
 
 
 def stats_problem(dims: Tuple[int, int, int], shape: tuple, target: Any, temperature: Any, softcap: Any,
