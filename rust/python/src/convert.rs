@@ -276,6 +276,23 @@ pub(crate) fn io_slices<'a, T: Storage>(
     })
 }
 
+/// Adds the memory of the logits to `inputs` and of their gradient to
+/// `outputs` (in place, the logits are an output).
+pub(crate) fn add_io_spans<T>(
+    io: &core::Logits<'_, T>,
+    inputs: &mut Vec<(&'static str, Range<usize>)>,
+    outputs: &mut Vec<(&'static str, Range<usize>)>,
+) {
+    match io {
+        Io::Forward(x) => inputs.push(("input", span(x))),
+        Io::Grad(x, g) => {
+            inputs.push(("input", span(x)));
+            outputs.push(("grad_out", span(g)));
+        }
+        Io::InPlace(x) => outputs.push(("input", span(x))),
+    }
+}
+
 /// The bytes a slice covers.
 pub(crate) fn span<T>(s: &[T]) -> Range<usize> {
     let a = s.as_ptr() as usize;

@@ -1,12 +1,12 @@
 //! `cross_entropy`, and the validated target plan the GPU backend reads.
 
 use crate::convert::{
-    borrow_io, by_dtype, check_disjoint, io_slices, read, reduction, slice, slice_mut, span,
-    write_as, Dtype, GradOutput, GradOutputArray, Storage, TargetArray,
+    add_io_spans, borrow_io, by_dtype, check_disjoint, io_slices, read, reduction, slice,
+    slice_mut, span, write_as, Dtype, GradOutput, GradOutputArray, Storage, TargetArray,
 };
 use crate::error::CoreError;
+use fusedce_core as core;
 use fusedce_core::simd::Compute;
-use fusedce_core::{self as core, Io};
 use numpy::{PyArray1, PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 use std::ops::Range;
@@ -128,14 +128,7 @@ where
 
     let mut inputs = arrays.spans()?;
     let mut outputs = Vec::new();
-    match &io {
-        Io::Forward(x) => inputs.push(("input", span(x))),
-        Io::Grad(x, g) => {
-            inputs.push(("input", span(x)));
-            outputs.push(("grad_out", span(g)));
-        }
-        Io::InPlace(x) => outputs.push(("input", span(x))),
-    }
+    add_io_spans(&io, &mut inputs, &mut outputs);
     if let Some(l) = &losses {
         outputs.push(("loss", span(l)));
     }

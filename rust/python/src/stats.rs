@@ -1,13 +1,13 @@
 //! `token_stats` and `linear_token_stats`.
 
 use crate::convert::{
-    array, borrow_io, by_dtype, check_disjoint, io_slices, read, slice, slice_mut, span, write,
-    Dtype, GradOutput, GradOutputArray, Storage,
+    add_io_spans, array, borrow_io, by_dtype, check_disjoint, io_slices, read, slice, slice_mut,
+    span, write, Dtype, GradOutput, GradOutputArray, Storage,
 };
 use crate::error::CoreError;
 use crate::linear::{check_linear_disjoint, LinearArrays, LinearFields};
+use fusedce_core as core;
 use fusedce_core::simd::Compute;
-use fusedce_core::{self as core, Io};
 use numpy::{PyArray1, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 use std::ops::Range;
@@ -232,14 +232,7 @@ where
     let out = outs.slices()?;
     let mut inputs = arrays.spans()?;
     let mut outputs = out_spans(&out);
-    match &io {
-        Io::Forward(x) => inputs.push(("input", span(x))),
-        Io::Grad(x, g) => {
-            inputs.push(("input", span(x)));
-            outputs.push(("grad_out", span(g)));
-        }
-        Io::InPlace(x) => outputs.push(("input", span(x))),
-    }
+    add_io_spans(&io, &mut inputs, &mut outputs);
     check_disjoint(&outputs, &inputs)?;
     Ok(py
         .detach(move || core::token_stats(&stats, io, grad, out))
