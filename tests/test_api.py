@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import ml_dtypes
@@ -51,6 +54,115 @@ def test_set_num_threads_rejects_bad_values():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="n:"):
             fusedce.set_num_threads(bad)
+
+
+def test_threads_context_is_per_thread_and_restored(restore_threads):
+    fusedce.set_num_threads(2)
+    seen = {}
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = fusedce.get_num_threads()  # while the main thread is in threads(1)
+        leave.set()
+
+    th = threading.Thread(target=other)
+    th.start()
+    with fusedce.threads(1):
+        assert fusedce.get_num_threads() == 1
+        with fusedce.threads(3):
+            assert fusedce.get_num_threads() == 3
+        assert fusedce.get_num_threads() == 1
+        inside.set()
+        leave.wait(10)
+    th.join()
+    assert seen["other"] == 2
+    assert fusedce.get_num_threads() == 2
+    with pytest.raises(RuntimeError):
+        with fusedce.threads(1):
+            raise RuntimeError("inside")
+    assert fusedce.get_num_threads() == 2
+    for bad in (0, 2000, 1.5, True):
+        with pytest.raises(ValueError, match="n:"):
+            with fusedce.threads(bad):
+                pass
+
+
+def test_threads_context_gives_the_same_bits():
+    x = _logits((301, 5003))
+    t = RNG.integers(0, 5003, size=301)
+    outs = []
+    for n in (1, 2, 4):
+        with fusedce.threads(n):
+            loss, grad = fusedce.cross_entropy(x, t, return_grad=True, label_smoothing=0.1)
+            stats = fusedce.token_stats(x, t, top_k=3)
+        outs.append((loss.tobytes(), grad.tobytes(), stats.entropy.tobytes(), stats.topk_ids.tobytes()))
+    assert outs[0] == outs[1] == outs[2]
+
+
+def _default_threads_in_child(preexec=None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDCE_NUM_THREADS"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import fusedce; print(fusedce.get_num_threads())"],
+        env=env, preexec_fn=preexec, capture_output=True, text=True, check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def test_default_threads_follow_the_affinity_mask():
+    assert _default_threads_in_child() == len(os.sched_getaffinity(0))
+    assert _default_threads_in_child(lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) == 1
+
+
+def test_default_threads_follow_the_cgroup_cpu_quota():
+    """A child in a cgroup (v1 cpu controller or v2) whose quota is one CPU
+    defaults to one thread, whatever the host's core count."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 or more CPUs to tell a quota from the affinity mask")
+    group = _make_cpu_cgroup(quota=100_000, period=100_000)
+    if group is None:
+        pytest.skip("cannot create a cgroup with a CPU quota here (not root, or no cpu controller)")
+    try:
+        procs = os.path.join(group, "cgroup.procs")
+        assert _default_threads_in_child(lambda: open(procs, "w").write(str(os.getpid()))) == 1
+    finally:
+        os.rmdir(group)
+
+
+def _make_cpu_cgroup(quota: int, period: int) -> str | None:
+    name = f"fusedce-test-{os.getpid()}"
+    for root, files in (("/sys/fs/cgroup/cpu", None), ("/sys/fs/cgroup", "cpu.max")):
+        group = os.path.join(root, name)
+        try:
+            os.mkdir(group)
+        except OSError:
+            continue
+        try:
+            if files is None:
+                with open(os.path.join(group, "cpu.cfs_period_us"), "w") as f:
+                    f.write(str(period))
+                with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as f:
+                    f.write(str(quota))
+            else:
+                with open(os.path.join(group, files), "w") as f:
+                    f.write(f"{quota} {period}")
+            return group
+        except OSError:
+            os.rmdir(group)
+    return None
+
+
+def test_fusedce_leaves_the_environment_alone():
+    before = dict(os.environ)
+    code = (
+        "import os; before = dict(os.environ); import numpy as np, fusedce\n"
+        "x = np.ones((4, 9), np.float32); t = np.arange(4)\n"
+        "fusedce.cross_entropy(x, t); fusedce.token_stats(x, t)\n"
+        "if fusedce.gpu.is_available(): fusedce.cross_entropy(x, t, device='gpu')\n"
+        "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert dict(os.environ) == before
 
 
 def test_large_row_against_reference():

@@ -8,13 +8,23 @@ semantics, over numpy arrays, on a SIMD multithreaded Rust core.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+
 from . import _native, gpu
 from ._request import LinearCrossEntropyGrads, TokenStats
 from .functional import cross_entropy, linear_cross_entropy, linear_token_stats, token_stats
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from .options import LinearCrossEntropyOptions
 
+try:
+    __version__: str = version("fusedce")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "cross_entropy",
     "CrossEntropyLoss",
     "linear_cross_entropy",
@@ -26,23 +36,49 @@ __all__ = [
     "TokenStats",
     "set_num_threads",
     "get_num_threads",
+    "threads",
     "simd_level",
     "gpu",
 ]
 
 
-def set_num_threads(n: int) -> None:
-    """Use ``n`` worker threads (1 to 1024) from now on (default:
-    ``FUSEDCE_NUM_THREADS``, else one per core). Results are bitwise
-    identical for any ``n``. Raises ValueError naming ``n`` otherwise."""
+def _thread_count(n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int):
         raise ValueError(f"n: expected an integer number of threads, got {n!r}")
-    _native.set_num_threads(max(-(2**127), min(n, 2**127 - 1)))
+    return max(-(2**127), min(n, 2**127 - 1))
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` worker threads (1 to 1024) in every later call, process-wide
+    (default: ``FUSEDCE_NUM_THREADS``, else the CPUs this process may use:
+    its affinity mask capped by its cgroup's CPU quota, as a container's
+    ``--cpus`` sets it). Results are bitwise identical for any ``n``.
+    Raises ValueError naming ``n`` otherwise."""
+    _native.set_num_threads(_thread_count(n))
 
 
 def get_num_threads() -> int:
-    """The number of worker threads."""
+    """The number of worker threads a call made now from this thread uses
+    (the innermost :func:`threads` block's, else the process default)."""
     return _native.get_num_threads()
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run the calls made from this thread inside the block on ``n`` worker
+    threads (1 to 1024), then restore the previous setting. Thread-local: a
+    request served on another thread keeps its own count, and nothing
+    process-wide changes. (Per OS thread: asyncio tasks sharing a thread
+    share the setting.) Results are bitwise identical for any ``n``::
+
+        with fusedce.threads(1):
+            loss = fusedce.cross_entropy(logits, target)
+    """
+    previous = _native.set_call_threads(_thread_count(n))
+    try:
+        yield
+    finally:
+        _native.set_call_threads(previous)
 
 
 def simd_level() -> str:

@@ -7,6 +7,7 @@
 
 pub mod ce;
 pub mod config;
+pub mod cpus;
 pub mod elem;
 pub mod error;
 mod kernels;

@@ -7,17 +7,31 @@
 use crate::config;
 use crate::error::CeError;
 use rayon::{ThreadPool, ThreadPoolBuilder};
-use std::sync::{Arc, Mutex, RwLock};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+/// The process-wide default thread count (`set_num_threads`); 0 until set.
+static DEFAULT: AtomicUsize = AtomicUsize::new(0);
 
-fn default_threads() -> Result<usize, CeError> {
-    Ok(config::get()?.num_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(config::MAX_THREADS)
-    }))
+/// Pools by thread count, most recently used last; at most [`KEPT_POOLS`].
+static POOLS: Mutex<Vec<Arc<ThreadPool>>> = Mutex::new(Vec::new());
+
+/// How many pools of different sizes stay alive (a dropped pool's threads
+/// end once the calls running on it finish).
+const KEPT_POOLS: usize = 4;
+
+thread_local! {
+    /// The thread count of calls made from this thread (`with_threads`).
+    static CALL_THREADS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// `FUSEDCE_NUM_THREADS`, else the CPUs this process may use (its affinity
+/// mask and its cgroup's CPU quota, see [`crate::cpus`]).
+fn initial_threads() -> Result<usize, CeError> {
+    Ok(config::get()?
+        .num_threads
+        .unwrap_or_else(|| crate::cpus::available().min(config::MAX_THREADS)))
 }
 
 fn build(n: usize) -> Result<Arc<ThreadPool>, CeError> {
@@ -29,48 +43,82 @@ fn build(n: usize) -> Result<Arc<ThreadPool>, CeError> {
         .map_err(|e| CeError::Resource(format!("could not start {n} worker threads: {e}")))
 }
 
-/// The pool, built on first use with `FUSEDCE_NUM_THREADS` threads (or one per
-/// available core). Also reports a malformed environment (see [`config`]).
-pub fn pool() -> Result<Arc<ThreadPool>, CeError> {
-    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return Ok(p.clone());
+/// The pool of `n` threads, started on first use.
+fn pool_of(n: usize) -> Result<Arc<ThreadPool>, CeError> {
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = pools.iter().position(|p| p.current_num_threads() == n) {
+        let p = pools.remove(i);
+        pools.push(p.clone());
+        return Ok(p);
     }
-    let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = guard.as_ref() {
-        return Ok(p.clone());
+    let p = build(n)?;
+    if pools.len() == KEPT_POOLS {
+        pools.remove(0);
     }
-    let p = build(default_threads()?)?;
-    *guard = Some(p.clone());
+    pools.push(p.clone());
     Ok(p)
 }
 
-/// Replaces the pool with one of `n` threads (`1..=MAX_THREADS`, else an
-/// error naming `n`). Calls already running finish on the old pool.
+/// The process-wide default: set by [`set_num_threads`], else
+/// `FUSEDCE_NUM_THREADS` or the CPUs available. Also reports a malformed
+/// environment (see [`config`]).
+pub fn default_num_threads() -> Result<usize, CeError> {
+    match DEFAULT.load(Ordering::Relaxed) {
+        0 => initial_threads(),
+        n => Ok(n),
+    }
+}
+
+/// Sets the default thread count of every later call (`1..=MAX_THREADS`,
+/// else an error naming `n`) and starts its pool. Calls already running
+/// finish on their pool.
 pub fn set_num_threads(n: u64) -> Result<(), CeError> {
-    let p = build(config::check_threads("n", n as i128)?)?;
-    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    let n = config::check_threads("n", n.min(i128::MAX as u64) as i128)?;
+    pool_of(n)?;
+    DEFAULT.store(n, Ordering::Relaxed);
     Ok(())
 }
 
+/// The thread count of a call made now from this thread.
 pub fn num_threads() -> Result<usize, CeError> {
-    Ok(pool()?.current_num_threads())
+    config::get()?;
+    CALL_THREADS
+        .with(Cell::get)
+        .map_or_else(default_num_threads, Ok)
+}
+
+/// Sets (`Some`) or clears (`None`) the thread count of the calls made
+/// from this thread, overriding the default; returns the previous setting.
+pub fn set_call_threads(n: Option<usize>) -> Result<Option<usize>, CeError> {
+    if let Some(n) = n {
+        config::check_threads("n", n as i128)?;
+    }
+    Ok(CALL_THREADS.with(|c| c.replace(n)))
+}
+
+/// `f()` with this thread's calls on `n` threads, then the previous setting.
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> Result<R, CeError> {
+    let previous = set_call_threads(Some(n))?;
+    let out = f();
+    CALL_THREADS.with(|c| c.set(previous));
+    Ok(out)
 }
 
 /// `f(threads)` for a call: a `small` one on the calling thread (`threads`
 /// = 1: handing it to the pool costs more than it does), any other inside
-/// the pool, with its thread count. Work items are fixed by the shape, so
-/// the bits are the same either way. Also reports a malformed environment.
+/// the pool of this thread's thread count. Work items are fixed by the
+/// shape, so the bits are the same either way. Also reports a malformed
+/// environment.
 pub(crate) fn run<R: Send>(
     small: bool,
     f: impl FnOnce(usize) -> Result<R, CeError> + Send,
 ) -> Result<R, CeError> {
-    let pool = pool()?;
-    if small {
-        f(1)
-    } else {
-        let threads = pool.current_num_threads();
-        pool.install(|| f(threads))
+    let threads = num_threads()?;
+    if small || threads == 1 {
+        return f(1);
     }
+    let pool = pool_of(threads)?;
+    pool.install(|| f(threads))
 }
 
 /// One `B` (a thread's scratch buffers) per thread of a call, made before

@@ -27,7 +27,7 @@ impl Dtype {
     /// The dtype of the array `obj` (argument `arg`), or a TypeError.
     pub fn of(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<Self> {
         let name = obj.getattr("dtype")?.getattr("name")?;
-        match name.extract::<&str>()? {
+        match name.extract::<String>()?.as_str() {
             "float32" => Ok(Dtype::F32),
             "float64" => Ok(Dtype::F64),
             "float16" => Ok(Dtype::F16),

@@ -28,7 +28,19 @@ fn set_num_threads(py: Python<'_>, n: i128) -> PyResult<()> {
         .map_err(CoreError)?)
 }
 
-/// The number of worker threads.
+/// Sets (`n`) or clears (`None`) the thread count of the calls made from
+/// the calling thread; returns the previous setting.
+#[pyfunction]
+#[pyo3(signature = (n))]
+fn set_call_threads(n: Option<i128>) -> PyResult<Option<usize>> {
+    let n = n
+        .map(|n| core::config::check_threads("n", n))
+        .transpose()
+        .map_err(CoreError)?;
+    Ok(core::threads::set_call_threads(n).map_err(CoreError)?)
+}
+
+/// The thread count of a call made now from the calling thread.
 #[pyfunction]
 fn get_num_threads(py: Python<'_>) -> PyResult<usize> {
     Ok(py.detach(core::threads::num_threads).map_err(CoreError)?)
@@ -66,6 +78,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_options, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(set_call_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     Ok(())
 }

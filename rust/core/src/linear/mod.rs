@@ -527,11 +527,9 @@ mod tests {
         // large enough for the GEMMs to split their work among threads
         let dt = data(260, 96, 1000, 1, 3);
         let weight = vec![1.0; 1000];
-        threads::set_num_threads(1).unwrap();
-        let one = run_f32(&dt, &weight, 128);
+        let one = threads::with_threads(1, || run_f32(&dt, &weight, 128)).unwrap();
         for t in [2, 3] {
-            threads::set_num_threads(t).unwrap();
-            let many = run_f32(&dt, &weight, 128);
+            let many = threads::with_threads(t, || run_f32(&dt, &weight, 128)).unwrap();
             assert_eq!(one.0.to_bits(), many.0.to_bits());
             assert!(one.1 == many.1 && one.2 == many.2 && one.3 == many.3);
         }
@@ -588,8 +586,8 @@ mod tests {
             for (rows, chunk) in [(&all[..], 1), (&all, 7), (&all, 512), (&all[10..30], 3)] {
                 let at = rows.iter().position(|&r| r == 17).unwrap();
                 for threads in [1, 2] {
-                    threads::set_num_threads(threads).unwrap();
-                    let (l, g) = per_row(&dt, rows, chunk, bias);
+                    let (l, g) =
+                        threads::with_threads(threads, || per_row(&dt, rows, chunk, bias)).unwrap();
                     assert_eq!(l[at].to_bits(), alone_l[0].to_bits(), "loss, chunk {chunk}");
                     assert_eq!(&g[at * d..(at + 1) * d], &alone_g[..], "dx, chunk {chunk}");
                 }

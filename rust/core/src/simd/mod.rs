@@ -140,7 +140,7 @@ fn detect() -> Level {
 /// The widest level this CPU supports, capped by the environment variable
 /// `FUSEDCE_SIMD` (`scalar`, `avx2`, `avx512`) when it is set: a way to test
 /// the narrower kernels on a wide machine. (A malformed value is reported by
-/// [`crate::threads::pool`], which every entry point calls first.)
+/// [`crate::threads::num_threads`], which every entry point calls first.)
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {

@@ -325,8 +325,9 @@ mod tests {
         let t: Vec<i64> = (0..n as i64).map(|i| (i * 13) % c as i64).collect();
         let alone = run(&x[5 * c..6 * c], 1, c, &t[5..6], k, (0.9, Some(8.0)));
         for threads in [1, 2, 3] {
-            crate::threads::set_num_threads(threads).unwrap();
-            let all = run(&x, n, c, &t, k, (0.9, Some(8.0)));
+            let all =
+                crate::threads::with_threads(threads, || run(&x, n, c, &t, k, (0.9, Some(8.0))))
+                    .unwrap();
             for q in 0..3 {
                 assert_eq!(all.f[q][5].to_bits(), alone.f[q][0].to_bits());
             }
