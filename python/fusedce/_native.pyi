@@ -3,7 +3,7 @@
 Each operation takes a request object built by the Python package
 (``fusedce._request``), read attribute by attribute by the bindings."""
 
-from typing import Optional
+from typing import Optional, final
 
 import numpy as np
 
@@ -16,12 +16,28 @@ from ._request import (
     TokenStatsRequest,
 )
 
+__all__ = [
+    "TargetPlan",
+    "check_options",
+    "cross_entropy",
+    "get_num_threads",
+    "linear_cross_entropy",
+    "linear_token_stats",
+    "plan",
+    "set_call_threads",
+    "set_num_threads",
+    "simd_level",
+    "stats_plan",
+    "token_stats",
+]
+
 def cross_entropy(request: CrossEntropyRequest) -> float: ...
 def linear_cross_entropy(request: LinearCrossEntropyRequest) -> float: ...
 def token_stats(request: TokenStatsRequest) -> None: ...
 def linear_token_stats(request: LinearTokenStatsRequest) -> None: ...
 def stats_plan(problem: StatsProblem, wants_grad: bool) -> Optional[np.ndarray]: ...
 
+@final
 class TargetPlan:
     """A validated problem as a backend without the core's kernels needs it."""
 
