@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _native, gpu
+from ._arrays import to_dlpack
 from ._request import LinearCrossEntropyGrads, TokenStats
 from .functional import cross_entropy, linear_cross_entropy, linear_token_stats, token_stats
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -38,6 +39,7 @@ __all__ = [
     "get_num_threads",
     "threads",
     "simd_level",
+    "to_dlpack",
     "gpu",
 ]
 

@@ -8,6 +8,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from . import _native
+
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
 
@@ -16,22 +18,70 @@ def as_array(arg: str, obj: Any) -> np.ndarray:
     """A numpy view of ``obj`` without copying where possible.
 
     numpy arrays pass through; objects with ``__dlpack__`` (a PyTorch or JAX
-    CPU tensor) are viewed through DLPack; anything else goes through
-    ``np.asarray`` (``__array__``, Python lists and numbers).
+    CPU tensor, bfloat16 included) are viewed through DLPack by the bindings
+    (strides and read-only producers honoured, no copy); anything else goes
+    through ``np.asarray`` (``__array__``, Python lists and numbers).
     """
     if isinstance(obj, np.ndarray):
         return obj
-    if hasattr(obj, "__dlpack__") and not isinstance(obj, (list, tuple)):
-        try:
-            return np.from_dlpack(obj)
-        except (TypeError, BufferError, RuntimeError, ValueError):
-            pass  # e.g. bfloat16 tensors, which numpy's DLPack does not know
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        return from_dlpack(arg, obj)
     try:
         return np.asarray(obj)
     except Exception as exc:  # noqa: BLE001 - report what the user passed
         raise TypeError(
             f"{arg}: expected an array (numpy, __array__ or __dlpack__), got {type(obj).__name__}: {exc}"
         ) from exc
+
+
+def output_array(arg: str, obj: Any) -> np.ndarray:
+    """The memory of an output the caller provides, viewed without a copy: a
+    numpy array, or a DLPack producer (a PyTorch tensor, bfloat16 included);
+    a TypeError naming ``arg`` for anything else."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        return from_dlpack(arg, obj)
+    raise TypeError(f"{arg}: expected a numpy array or a DLPack tensor, got {type(obj).__name__}")
+
+
+def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+    )
+
+
+def from_dlpack(arg: str, obj: Any) -> np.ndarray:
+    """A numpy view of a DLPack producer's CPU memory (any dtype fusedce
+    reads; bfloat16 as ``ml_dtypes.bfloat16``), keeping the producer's
+    tensor alive as long as the view."""
+    view = _native.dlpack_view(arg, obj)
+    a = np.asarray(view)
+    if view.dtype == "bfloat16":
+        a = a.view(BFLOAT16)
+    if type(obj).__module__.partition(".")[0] in ("jax", "jaxlib"):
+        a.flags.writeable = False  # JAX arrays are immutable; its legacy capsules do not say so
+    return a
+
+
+_DLPACK_CODES = {"f": 2, "i": 0, "u": 1, "b": 6}
+
+
+def to_dlpack(a: np.ndarray) -> Any:
+    """An object with ``__dlpack__`` over ``a``'s memory, any dtype
+    (bfloat16 included, which numpy's own ``__dlpack__`` refuses)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"array: expected a numpy array, got {type(a).__name__}")
+    if a.dtype == BFLOAT16:
+        code = 4
+    elif a.dtype.kind in _DLPACK_CODES and a.dtype.byteorder in "=|<":
+        code = _DLPACK_CODES[a.dtype.kind]
+    else:
+        raise TypeError(f"array: dtype {a.dtype} has no DLPack type")
+    data, read_only = a.__array_interface__["data"]
+    return _native.DlpackExport(a, data, a.shape, a.strides, code, a.dtype.itemsize * 8, read_only)
 
 
 def check_float_dtype(arg: str, a: np.ndarray) -> None:

@@ -3,7 +3,7 @@
 Each operation takes a request object built by the Python package
 (``fusedce._request``), read attribute by attribute by the bindings."""
 
-from typing import Optional, final
+from typing import Any, Optional, Sequence, final
 
 import numpy as np
 
@@ -17,9 +17,12 @@ from ._request import (
 )
 
 __all__ = [
+    "DlpackExport",
+    "DlpackView",
     "TargetPlan",
     "check_options",
     "cross_entropy",
+    "dlpack_view",
     "get_num_threads",
     "linear_cross_entropy",
     "linear_token_stats",
@@ -55,3 +58,37 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def set_call_threads(n: Optional[int]) -> Optional[int]: ...
 def simd_level() -> str: ...
+
+@final
+class DlpackView:
+    """A DLPack producer's CPU tensor, kept alive, as ``__array_interface__``."""
+
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def __array_interface__(self) -> dict[str, Any]: ...
+
+def dlpack_view(arg: str, obj: Any) -> DlpackView: ...
+@final
+class DlpackExport:
+    """A numpy array offered to DLPack consumers without a copy."""
+
+    def __new__(
+        cls,
+        array: np.ndarray,
+        data: int,
+        shape: Sequence[int],
+        strides: Sequence[int],
+        code: int,
+        bits: int,
+        read_only: bool,
+    ) -> DlpackExport: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[tuple[int, int]] = None,
+        dl_device: Optional[tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...

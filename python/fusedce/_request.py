@@ -18,7 +18,16 @@ from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from ._arrays import as_array, check_float_dtype, check_writable, is_floating, readable, shape_str
+from ._arrays import (
+    as_array,
+    check_float_dtype,
+    check_writable,
+    is_floating,
+    output_array,
+    readable,
+    same_memory,
+    shape_str,
+)
 from .options import LinearCrossEntropyOptions, weight_copy_limit
 
 _INT64 = np.iinfo(np.int64)
@@ -256,16 +265,15 @@ def _grad_buffer(grad_out: Any, original: Any, x: np.ndarray) -> np.ndarray:
     """Where the gradient goes: a new buffer, ``x`` itself (in place) or ``grad_out``."""
     if grad_out is None:
         return np.empty(x.shape, dtype=x.dtype)
-    if not isinstance(grad_out, np.ndarray):
-        raise TypeError(f"grad_out: expected a numpy array, got {type(grad_out).__name__}")
     if grad_out is original:
-        if x is not original:
+        if not (x is original or same_memory(x, output_array("grad_out", original))):
             raise ValueError(
                 "grad_out: in-place gradient (grad_out=input) needs the input to be an aligned "
-                "C-contiguous numpy array of a supported dtype; this input had to be converted"
+                "C-contiguous array (numpy or DLPack) of a supported dtype; this input had to be converted"
             )
         check_writable("grad_out", x)
         return x
+    grad_out = output_array("grad_out", grad_out)
     if grad_out.shape != x.shape or grad_out.dtype != x.dtype:
         raise ValueError(
             f"grad_out: expected an array of shape {shape_str(x.shape)} and dtype {x.dtype}, "

@@ -10,6 +10,7 @@
 
 mod convert;
 mod cross_entropy;
+mod dlpack;
 mod error;
 mod linear;
 mod stats;
@@ -76,6 +77,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats::linear_token_stats, m)?)?;
     m.add_function(wrap_pyfunction!(stats::stats_plan, m)?)?;
     m.add_function(wrap_pyfunction!(check_options, m)?)?;
+    m.add_function(wrap_pyfunction!(dlpack::dlpack_view, m)?)?;
+    m.add_class::<dlpack::DlpackView>()?;
+    m.add_class::<dlpack::DlpackExport>()?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_call_threads, m)?)?;
