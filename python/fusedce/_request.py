@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, Literal, NamedTuple, Optional, Tuple, Union, cast
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from ._arrays import (
 from .options import LinearCrossEntropyOptions, weight_copy_limit
 
 _INT64 = np.iinfo(np.int64)
+Device = Literal["cpu", "gpu", "auto"]
 DEVICES = ("cpu", "gpu", "auto")
 
 
@@ -105,10 +106,10 @@ class LinearCrossEntropyRequest(NamedTuple):
 
 # ---- arguments --------------------------------------------------------------------------
 
-def check_device(device: Any) -> str:
+def check_device(device: Any) -> Device:
     if not isinstance(device, str) or device not in DEVICES:
         raise ValueError(f"device: expected 'cpu', 'gpu' or 'auto', got {device!r}")
-    return device
+    return cast(Device, device)
 
 
 def int_arg(arg: str, v: Any) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _cpu
 from ._request import (
+    Device,
     LinearCrossEntropyGrads,
     TokenStats,
     cross_entropy_request,
@@ -31,6 +32,7 @@ __all__ = [
     "linear_cross_entropy",
     "LinearCrossEntropyGrads",
     "Reduction",
+    "Device",
     "token_stats",
     "linear_token_stats",
     "TokenStats",
@@ -41,13 +43,19 @@ __all__ = [
 def cross_entropy(input: Any, target: Any, weight: Any = ..., ignore_index: int = ...,
                   reduction: Reduction = ..., label_smoothing: float = ..., *,
                   return_grad: Literal[False] = ..., grad_output: Any = ..., grad_out: None = ...,
-                  device: str = ..., softcap: Optional[float] = ..., z_loss: float = ...) -> np.ndarray: ...
+                  device: Device = ..., softcap: Optional[float] = ..., z_loss: float = ...) -> np.ndarray: ...
 @overload
 def cross_entropy(input: Any, target: Any, weight: Any = ..., ignore_index: int = ...,
                   reduction: Reduction = ..., label_smoothing: float = ..., *,
-                  return_grad: Literal[True], grad_output: Any = ..., grad_out: Optional[np.ndarray] = ...,
-                  device: str = ..., softcap: Optional[float] = ...,
+                  return_grad: Literal[True], grad_output: Any = ..., grad_out: Any = ...,
+                  device: Device = ..., softcap: Optional[float] = ...,
                   z_loss: float = ...) -> Tuple[np.ndarray, np.ndarray]: ...
+@overload
+def cross_entropy(input: Any, target: Any, weight: Any = ..., ignore_index: int = ...,
+                  reduction: Reduction = ..., label_smoothing: float = ..., *,
+                  return_grad: bool, grad_output: Any = ..., grad_out: Any = ...,
+                  device: Device = ..., softcap: Optional[float] = ...,
+                  z_loss: float = ...) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]: ...
 
 
 def cross_entropy(
@@ -60,8 +68,8 @@ def cross_entropy(
     *,
     return_grad: bool = False,
     grad_output: Any = None,
-    grad_out: Optional[np.ndarray] = None,
-    device: str = "cpu",
+    grad_out: Any = None,
+    device: Device = "cpu",
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
 ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
@@ -137,15 +145,22 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
                          weight: Any = ..., reduction: Reduction = ..., ignore_index: Optional[int] = ...,
                          label_smoothing: float = ..., options: Optional[LinearCrossEntropyOptions] = ...,
                          return_grad: Literal[False] = ..., grad_output: Any = ...,
-                         device: str = ..., softcap: Optional[float] = ...,
+                         device: Device = ..., softcap: Optional[float] = ...,
                          z_loss: float = ...) -> np.ndarray: ...
 @overload
 def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = ...,
                          weight: Any = ..., reduction: Reduction = ..., ignore_index: Optional[int] = ...,
                          label_smoothing: float = ..., options: Optional[LinearCrossEntropyOptions] = ...,
                          return_grad: Literal[True], grad_output: Any = ...,
-                         device: str = ..., softcap: Optional[float] = ...,
+                         device: Device = ..., softcap: Optional[float] = ...,
                          z_loss: float = ...) -> Tuple[np.ndarray, LinearCrossEntropyGrads]: ...
+@overload
+def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = ...,
+                         weight: Any = ..., reduction: Reduction = ..., ignore_index: Optional[int] = ...,
+                         label_smoothing: float = ..., options: Optional[LinearCrossEntropyOptions] = ...,
+                         return_grad: bool, grad_output: Any = ...,
+                         device: Device = ..., softcap: Optional[float] = ...,
+                         z_loss: float = ...) -> Union[np.ndarray, Tuple[np.ndarray, LinearCrossEntropyGrads]]: ...
 
 
 def linear_cross_entropy(
@@ -161,7 +176,7 @@ def linear_cross_entropy(
     options: Optional[LinearCrossEntropyOptions] = None,
     return_grad: bool = False,
     grad_output: Any = None,
-    device: str = "cpu",
+    device: Device = "cpu",
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
 ) -> Union[np.ndarray, Tuple[np.ndarray, LinearCrossEntropyGrads]]:
@@ -230,12 +245,17 @@ def run_linear(req: Any, resident: Any = None) -> np.ndarray:
 def token_stats(input: Any, target: Any = ..., *, temperature: float = ..., softcap: Optional[float] = ...,
                 ignore_index: int = ..., top_k: int = ..., stats: Optional[Iterable[str]] = ...,
                 return_grad: Literal[False] = ..., grad_logprob: Any = ..., grad_entropy: Any = ...,
-                grad_out: None = ..., device: str = ...) -> TokenStats: ...
+                grad_out: None = ..., device: Device = ...) -> TokenStats: ...
 @overload
 def token_stats(input: Any, target: Any = ..., *, temperature: float = ..., softcap: Optional[float] = ...,
                 ignore_index: int = ..., top_k: int = ..., stats: Optional[Iterable[str]] = ...,
                 return_grad: Literal[True], grad_logprob: Any = ..., grad_entropy: Any = ...,
-                grad_out: Optional[np.ndarray] = ..., device: str = ...) -> Tuple[TokenStats, np.ndarray]: ...
+                grad_out: Any = ..., device: Device = ...) -> Tuple[TokenStats, np.ndarray]: ...
+@overload
+def token_stats(input: Any, target: Any = ..., *, temperature: float = ..., softcap: Optional[float] = ...,
+                ignore_index: int = ..., top_k: int = ..., stats: Optional[Iterable[str]] = ...,
+                return_grad: bool, grad_logprob: Any = ..., grad_entropy: Any = ...,
+                grad_out: Any = ..., device: Device = ...) -> Union[TokenStats, Tuple[TokenStats, np.ndarray]]: ...
 
 
 def token_stats(
@@ -250,8 +270,8 @@ def token_stats(
     return_grad: bool = False,
     grad_logprob: Any = None,
     grad_entropy: Any = None,
-    grad_out: Optional[np.ndarray] = None,
-    device: str = "cpu",
+    grad_out: Any = None,
+    device: Device = "cpu",
 ) -> Union[TokenStats, Tuple[TokenStats, np.ndarray]]:
     """Per-token statistics of the softmax over classes, in one fused pass.
 
@@ -319,14 +339,21 @@ def linear_token_stats(input: Any, linear_weight: Any, target: Any = ..., *, lin
                        options: Optional[LinearCrossEntropyOptions] = ..., temperature: float = ...,
                        softcap: Optional[float] = ..., ignore_index: int = ..., top_k: int = ...,
                        stats: Optional[Iterable[str]] = ..., return_grad: Literal[False] = ...,
-                       grad_logprob: Any = ..., grad_entropy: Any = ..., device: str = ...) -> TokenStats: ...
+                       grad_logprob: Any = ..., grad_entropy: Any = ..., device: Device = ...) -> TokenStats: ...
 @overload
 def linear_token_stats(input: Any, linear_weight: Any, target: Any = ..., *, linear_bias: Any = ...,
                        options: Optional[LinearCrossEntropyOptions] = ..., temperature: float = ...,
                        softcap: Optional[float] = ..., ignore_index: int = ..., top_k: int = ...,
                        stats: Optional[Iterable[str]] = ..., return_grad: Literal[True],
                        grad_logprob: Any = ..., grad_entropy: Any = ...,
-                       device: str = ...) -> Tuple[TokenStats, LinearCrossEntropyGrads]: ...
+                       device: Device = ...) -> Tuple[TokenStats, LinearCrossEntropyGrads]: ...
+@overload
+def linear_token_stats(input: Any, linear_weight: Any, target: Any = ..., *, linear_bias: Any = ...,
+                       options: Optional[LinearCrossEntropyOptions] = ..., temperature: float = ...,
+                       softcap: Optional[float] = ..., ignore_index: int = ..., top_k: int = ...,
+                       stats: Optional[Iterable[str]] = ..., return_grad: bool,
+                       grad_logprob: Any = ..., grad_entropy: Any = ...,
+                       device: Device = ...) -> Union[TokenStats, Tuple[TokenStats, LinearCrossEntropyGrads]]: ...
 
 
 def linear_token_stats(
@@ -344,7 +371,7 @@ def linear_token_stats(
     return_grad: bool = False,
     grad_logprob: Any = None,
     grad_entropy: Any = None,
-    device: str = "cpu",
+    device: Device = "cpu",
 ) -> Union[TokenStats, Tuple[TokenStats, LinearCrossEntropyGrads]]:
     """:func:`token_stats` of the logits ``input @ linear_weight.T +
     linear_bias``, computed chunk by chunk (as :func:`linear_cross_entropy`):

@@ -18,7 +18,7 @@ from ._request import (
     reduction_arg,
     weight_arg,
 )
-from .functional import Reduction, cross_entropy, run_linear
+from .functional import Device, Reduction, cross_entropy, run_linear
 from .options import LinearCrossEntropyOptions
 
 
@@ -59,7 +59,7 @@ class CrossEntropyLoss:
         *,
         softcap: Optional[float] = None,
         z_loss: float = 0.0,
-        device: str = "cpu",
+        device: Device = "cpu",
     ) -> None:
         self.reduction, self.label_smoothing, self.softcap, self.z_loss = _loss_options(
             reduction, label_smoothing, softcap, z_loss
@@ -137,7 +137,7 @@ class LinearCrossEntropyLoss:
         label_smoothing: float = 0.0,
         options: Optional[LinearCrossEntropyOptions] = None,
         seed: Optional[int] = None,
-        device: str = "cpu",
+        device: Device = "cpu",
         softcap: Optional[float] = None,
         z_loss: float = 0.0,
     ) -> None:

@@ -21,7 +21,7 @@ PyTorch's own chunked path. Requires ``torch`` (``pip install 'fusedce[torch]'``
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -34,9 +34,13 @@ from .options import LinearCrossEntropyOptions
 __all__ = ["cross_entropy", "linear_cross_entropy", "token_stats", "linear_token_stats"]
 
 
-def _tensor(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+def _tensor(a: np.ndarray) -> torch.Tensor:
     """A numpy result as a tensor over the same memory (any dtype)."""
-    return None if a is None else torch.from_dlpack(to_dlpack(np.asarray(a)))
+    return torch.from_dlpack(to_dlpack(np.asarray(a)))
+
+
+def _maybe_tensor(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+    return None if a is None else _tensor(a)
 
 
 def _check_cpu(**tensors: Optional[torch.Tensor]) -> None:
@@ -59,7 +63,7 @@ def _per_sample(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, kw: dict) -> torch.Tensor:
+    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, kw: Dict[str, Any]) -> torch.Tensor:
         ctx.reduction = kw["reduction"]
         if not ctx.needs_input_grad[0]:
             return _tensor(F.cross_entropy(input.detach(), target, **kw))
@@ -110,13 +114,13 @@ def _options(options: Any) -> Optional[LinearCrossEntropyOptions]:
 
 
 def _grads(g: Any) -> tuple:
-    return _tensor(g.input), _tensor(g.linear_weight), _tensor(g.linear_bias)
+    return _tensor(g.input), _tensor(g.linear_weight), _maybe_tensor(g.linear_bias)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                target: torch.Tensor, kw: dict) -> torch.Tensor:
+                target: torch.Tensor, kw: Dict[str, Any]) -> torch.Tensor:
         x, w = input.detach(), weight.detach()
         b = None if bias is None else bias.detach()
         ctx.kw, ctx.none = kw, kw["reduction"] == "none"
@@ -174,7 +178,7 @@ def _upstream(g: Optional[torch.Tensor]) -> Optional[np.ndarray]:
 
 
 def _stats_outputs(ctx: Any, s: TokenStats) -> tuple:
-    out = tuple(_tensor(getattr(s, f)) for f in TokenStats._fields)
+    out = tuple(_maybe_tensor(getattr(s, f)) for f in TokenStats._fields)
     ctx.mark_non_differentiable(*(t for f, t in zip(TokenStats._fields, out)
                                   if t is not None and f not in ("logprob", "entropy")))
     return out
@@ -188,7 +192,7 @@ def _stat_grads(grads: tuple) -> tuple:
 
 class _TokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, target: Optional[torch.Tensor], kw: dict) -> tuple:
+    def forward(ctx: Any, input: torch.Tensor, target: Optional[torch.Tensor], kw: Dict[str, Any]) -> tuple:
         ctx.kw = kw
         ctx.save_for_backward(input.detach(), target)
         return _stats_outputs(ctx, F.token_stats(input.detach(), target, **kw))
@@ -216,7 +220,7 @@ def token_stats(input: torch.Tensor, target: Optional[torch.Tensor] = None, **kw
     return TokenStats(*_TokenStats.apply(input, target, kw))
 
 
-def _no_backward_keywords(kw: dict) -> None:
+def _no_backward_keywords(kw: Dict[str, Any]) -> None:
     for k in ("return_grad", "grad_logprob", "grad_entropy", "grad_out", "device", "grad_output"):
         if k in kw:
             raise TypeError(f"{k}: not an argument of the fusedce.torch functions (autograd supplies the gradients)")
@@ -225,7 +229,7 @@ def _no_backward_keywords(kw: dict) -> None:
 class _LinearTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                target: Optional[torch.Tensor], kw: dict) -> tuple:
+                target: Optional[torch.Tensor], kw: Dict[str, Any]) -> tuple:
         x, w = input.detach(), weight.detach()
         b = None if bias is None else bias.detach()
         ctx.kw = kw
