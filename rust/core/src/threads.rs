@@ -9,7 +9,7 @@ use crate::error::CeError;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The process-wide default thread count (`set_num_threads`); 0 until set.
 static DEFAULT: AtomicUsize = AtomicUsize::new(0);
@@ -27,11 +27,12 @@ thread_local! {
 }
 
 /// `FUSEDCE_NUM_THREADS`, else the CPUs this process may use (its affinity
-/// mask and its cgroup's CPU quota, see [`crate::cpus`]).
+/// mask and its cgroup's CPU quota, see [`crate::cpus`]), read once.
 fn initial_threads() -> Result<usize, CeError> {
+    static CPUS: OnceLock<usize> = OnceLock::new();
     Ok(config::get()?
         .num_threads
-        .unwrap_or_else(|| crate::cpus::available().min(config::MAX_THREADS)))
+        .unwrap_or_else(|| *CPUS.get_or_init(|| crate::cpus::available().min(config::MAX_THREADS))))
 }
 
 fn build(n: usize) -> Result<Arc<ThreadPool>, CeError> {
