@@ -389,3 +389,14 @@ def test_softcap_and_z_loss_options_of_the_modules():
     want = fusedce.linear_cross_entropy(x, lm.linear_weight, np.array([0, 1, 2, 3, 4, 0]), softcap=1.5, z_loss=1e-2)
     assert got == want
 
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import metadata, version
+
+    assert fusedce.__version__ == version("fusedce")
+    meta = metadata("fusedce")
+    assert meta["License-Expression"] == "MIT OR Apache-2.0"
+    assert meta["Requires-Python"] == ">=3.9"
+    cargo = open(os.path.join(os.path.dirname(__file__), "..", "Cargo.toml")).read()
+    assert f'version = "{fusedce.__version__}"' in cargo
