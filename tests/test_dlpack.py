@@ -10,6 +10,8 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fusedce
 from fusedce._arrays import as_array
@@ -55,10 +57,25 @@ def test_strided_and_read_only_producers_are_honoured():
 
 
 def test_non_cpu_and_unknown_dtypes_are_refused_by_name():
-    with pytest.raises(BufferError, match="input: a DLPack tensor on device type 2"):
+    with pytest.raises(TypeError, match="input: a DLPack tensor on device type 2"):
         fusedce.cross_entropy(Producer(fusedce.to_dlpack(np.ones((2, 3), np.float32)), (2, 0)), np.zeros(2, int))
     with pytest.raises(TypeError, match="array: dtype complex64"):
         fusedce.to_dlpack(np.ones(3, np.complex64))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_layout_round_trips(data):
+    dtype = data.draw(st.sampled_from([np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.int64, np.uint8]))
+    shape = tuple(data.draw(st.lists(st.integers(0, 5), min_size=0, max_size=3)))
+    base = (np.arange(int(np.prod(shape, dtype=np.int64))) % 7).astype(dtype).reshape(shape)
+    index = tuple(slice(None, None, data.draw(st.sampled_from([1, 2, -1, -2]))) for _ in shape)
+    view = base[index] if shape else base
+    got = as_array("input", fusedce.to_dlpack(view))
+    assert got.shape == view.shape and got.dtype == view.dtype
+    np.testing.assert_array_equal(got.astype(np.float64), view.astype(np.float64))
+    if view.size:
+        assert np.shares_memory(got, base)
 
 
 def test_an_unconsumed_capsule_releases_the_array():
@@ -111,6 +128,11 @@ class TestTorch:
         xr = x.float().requires_grad_()
         torch.nn.functional.cross_entropy(xr, t).backward()
         torch.testing.assert_close(grad.float(), xr.grad, atol=1e-2, rtol=2e-2)
+
+    def test_a_tensor_that_requires_grad_is_a_type_error_naming_the_argument(self):
+        x = self.torch.randn(3, 4, requires_grad=True)
+        with pytest.raises(TypeError, match="input: could not be read through DLPack"):
+            fusedce.cross_entropy(x, np.zeros(3, int))
 
     def test_non_contiguous_tensors(self):
         torch = self.torch

@@ -57,7 +57,10 @@ def from_dlpack(arg: str, obj: Any) -> np.ndarray:
     """A numpy view of a DLPack producer's CPU memory (any dtype fusedce
     reads; bfloat16 as ``ml_dtypes.bfloat16``), keeping the producer's
     tensor alive as long as the view."""
-    view = _native.dlpack_view(arg, obj)
+    try:
+        view = _native.dlpack_view(arg, obj)
+    except (RuntimeError, BufferError) as exc:  # the producer refused (a tensor that requires grad, say)
+        raise TypeError(f"{arg}: could not be read through DLPack: {exc}") from exc
     a = np.asarray(view)
     if view.dtype == "bfloat16":
         a = a.view(BFLOAT16)

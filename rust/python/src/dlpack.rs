@@ -162,7 +162,7 @@ pub(crate) fn dlpack_view(
 ) -> PyResult<DlpackView> {
     let (device_type, _): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
     if device_type != CPU {
-        return Err(PyBufferError::new_err(format!(
+        return Err(PyTypeError::new_err(format!(
             "{arg}: a DLPack tensor on device type {device_type}; fusedce reads CPU memory (move it to the CPU first)"
         )));
     }
