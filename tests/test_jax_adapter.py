@@ -127,3 +127,10 @@ def test_statistics_match_jax_nn_and_constants_stay_constant():
     assert float(jnp.abs(jax.grad(lambda x: fj.token_stats(x, t).lse.sum())(x)).max()) == 0.0
     with pytest.raises(TypeError, match="return_grad"):
         fj.token_stats(x, t, return_grad=True)
+
+
+def test_the_numpy_api_under_jit_points_to_the_adapter():
+    import fusedce
+
+    with pytest.raises(TypeError, match="use fusedce.jax"):
+        jax.jit(lambda x: fusedce.cross_entropy(x, np.arange(3)))(jnp.ones((3, 4)))

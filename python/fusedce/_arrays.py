@@ -29,8 +29,9 @@ def as_array(arg: str, obj: Any) -> np.ndarray:
     try:
         return np.asarray(obj)
     except Exception as exc:  # noqa: BLE001 - report what the user passed
+        hint = " (inside jax.jit, grad or vmap, use fusedce.jax)" if type(obj).__name__.endswith("Tracer") else ""
         raise TypeError(
-            f"{arg}: expected an array (numpy, __array__ or __dlpack__), got {type(obj).__name__}: {exc}"
+            f"{arg}: expected an array (numpy, __array__ or __dlpack__), got {type(obj).__name__}{hint}: {exc}"
         ) from exc
 
 
