@@ -500,6 +500,17 @@ class LinearTokenStatsRequest(NamedTuple):
     device: str
 
 
+GRADIENT_KEYWORDS = ("return_grad", "grad_logprob", "grad_entropy", "grad_out", "grad_output", "device")
+
+
+def reject_gradient_keywords(kw: dict, adapter: str) -> None:
+    """TypeError for a keyword an adapter supplies itself (its framework
+    passes the upstream gradients; it runs on the CPU)."""
+    for k in GRADIENT_KEYWORDS:
+        if k in kw:
+            raise TypeError(f"{k}: not an argument of the {adapter} functions (the framework supplies the gradients)")
+
+
 def _stat_flags(stats: Any, has_target: bool, top_k: int) -> Tuple[bool, bool, bool, bool, bool]:
     """``(lse, logprob, entropy, argmax, rank)`` asked for by ``stats``."""
     if stats is None:

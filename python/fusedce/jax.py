@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import functional as F
-from ._request import STAT_NAMES, TokenStats, _stat_flags
+from ._request import STAT_NAMES, TokenStats, _stat_flags, reject_gradient_keywords
 from .options import LinearCrossEntropyOptions
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "token_stats", "linear_token_stats"]
@@ -246,9 +246,7 @@ _ts.defvjp(_ts_fwd, _ts_bwd)
 
 
 def _stats_kw(kw: Dict[str, Any]) -> tuple:
-    for k in ("return_grad", "grad_logprob", "grad_entropy", "grad_out", "device"):
-        if k in kw:
-            raise TypeError(f"{k}: not an argument of the fusedce.jax functions (JAX supplies the gradients)")
+    reject_gradient_keywords(kw, "fusedce.jax")
     if kw.get("stats") is not None:
         kw["stats"] = tuple(kw["stats"])
     return tuple(sorted(kw.items()))

@@ -28,7 +28,7 @@ import torch
 
 from . import functional as F
 from ._arrays import to_dlpack
-from ._request import TokenStats
+from ._request import TokenStats, reject_gradient_keywords
 from .options import LinearCrossEntropyOptions
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "token_stats", "linear_token_stats"]
@@ -216,14 +216,8 @@ def token_stats(input: torch.Tensor, target: Optional[torch.Tensor] = None, **kw
     ``grad_*`` or ``device``: autograd supplies those)."""
     _check_cpu(input=input, target=target)
     _no_grad_through(target=target)
-    _no_backward_keywords(kw)
+    reject_gradient_keywords(kw, "fusedce.torch")
     return TokenStats(*_TokenStats.apply(input, target, kw))
-
-
-def _no_backward_keywords(kw: Dict[str, Any]) -> None:
-    for k in ("return_grad", "grad_logprob", "grad_entropy", "grad_out", "device", "grad_output"):
-        if k in kw:
-            raise TypeError(f"{k}: not an argument of the fusedce.torch functions (autograd supplies the gradients)")
 
 
 class _LinearTokenStats(torch.autograd.Function):
@@ -255,7 +249,7 @@ def linear_token_stats(input: torch.Tensor, linear_weight: torch.Tensor, target:
     ``linear_bias``. Keywords as :func:`fusedce.linear_token_stats`."""
     _check_cpu(input=input, linear_weight=linear_weight, linear_bias=linear_bias, target=target)
     _no_grad_through(target=target)
-    _no_backward_keywords(kw)
+    reject_gradient_keywords(kw, "fusedce.torch")
     if "options" in kw:
         kw["options"] = _options(kw["options"])
     return TokenStats(*_LinearTokenStats.apply(input, linear_weight, linear_bias, target, kw))
