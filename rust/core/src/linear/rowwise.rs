@@ -6,10 +6,12 @@
 //! class blocks. A row's logits and input gradient are therefore bitwise the
 //! same whatever other rows share the call: the batch-invariance guarantee.
 //!
-//! * Logit `(r, j)`: a dot product of `x_r` and `w_j` with `L::N` lane
-//!   accumulators over the body of `D` (lane `i` takes `k ≡ i mod N`, in `k`
-//!   order, fused multiply-add), summed across lanes in the fixed order of
-//!   `hsum`, then the `D mod N` tail added one by one, then the bias.
+//! * Logit `(r, j)`: one fused multiply-add chain `acc = x[r,k]·w[j,k] +
+//!   acc` over `k = 0..D` in order, from zero, then the bias: the same
+//!   sequence on every SIMD level. Vectors run across classes (a panel of
+//!   `2·N` classes, its weight packed transposed on the stack, `D` in
+//!   blocks whose partial sums wait in the output), so no horizontal sum is
+//!   needed: the product runs at the FMA rate.
 //! * Input gradient `(r, k)`: `Σ_j dL[r, j] W[j, k]` accumulated in class
 //!   order, one lane per `k`, starting from zero. Class blocks store and
 //!   reload the partial sums in the compute type, which is exact.
@@ -22,13 +24,14 @@ use crate::kernels::columns::Shared;
 use crate::simd::{Lanes, Task};
 use rayon::prelude::*;
 
-/// Rows per tile, and classes per tile of the logits.
+/// Rows per tile of the input gradient.
 const R: usize = 4;
-const TJ: usize = 4;
 /// Classes per parallel piece of the logits.
 const LOGIT_PIECE: usize = 256;
-/// Classes per cache block (their weight rows are reused by every row tile).
-const CLASS_BLOCK: usize = 16;
+/// Elements of a packed weight panel (on the stack: 32 KiB of f32).
+const PANEL_MAX: usize = 8192;
+/// The widest vector, in lanes (AVX-512 float32).
+const MAX_LANES: usize = 16;
 /// Input-gradient columns per parallel piece, and rows per piece.
 const DX_COLS: usize = 128;
 const DX_ROWS: usize = 256;
@@ -104,66 +107,134 @@ impl<G: GemmReal> Task<G> for LogitTask<'_, G> {
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<F = G>>(self, l: L) {
-        let mut b0 = self.j0;
-        while b0 < self.j1 {
-            let b1 = (b0 + CLASS_BLOCK).min(self.j1);
-            let full_rows = self.rows - self.rows % R;
-            for r in (0..full_rows).step_by(R) {
-                let mut j = b0;
-                while j + TJ <= b1 {
-                    self.tile::<L, R, TJ>(l, r, j);
-                    j += TJ;
-                }
-                for j in j..b1 {
-                    self.tile::<L, R, 1>(l, r, j);
-                }
-            }
-            for r in full_rows..self.rows {
-                for j in b0..b1 {
-                    self.tile::<L, 1, 1>(l, r, j);
-                }
-            }
-            b0 = b1;
+        if L::N >= 8 {
+            self.panels::<L, 8>(l);
+        } else {
+            self.panels::<L, 4>(l);
         }
     }
 }
 
 impl<G: GemmReal> LogitTask<'_, G> {
-    /// Logits of rows `r..r + NR` and classes `j..j + NJ`.
+    /// The task's classes, `2·N` at a time (a panel), over `D` in blocks of
+    /// `kc` (as many as fit [`PANEL_MAX`]): each block of each panel is
+    /// packed (transposed) once and used by every row tile.
     #[inline(always)]
-    fn tile<L: Lanes<F = G>, const NR: usize, const NJ: usize>(&self, l: L, r: usize, j: usize) {
-        let d = self.d;
-        let body = d - d % L::N;
-        let xs: [&[G]; NR] = std::array::from_fn(|i| &self.x[(r + i) * d..(r + i + 1) * d]);
-        let ws: [&[G]; NJ] = std::array::from_fn(|q| &self.w[(j + q) * d..(j + q + 1) * d]);
-        let zero = l.splat(G::ZERO);
-        let mut acc = [[zero; NJ]; NR];
-        let mut k = 0;
-        while k < body {
-            let wv: [L::V; NJ] = std::array::from_fn(|q| l.load(&ws[q][k..]));
-            for i in 0..NR {
-                let xv = l.load(&xs[i][k..]);
-                for q in 0..NJ {
-                    acc[i][q] = l.mul_add(xv, wv[q], acc[i][q]);
+    fn panels<L: Lanes<F = G>, const MR: usize>(&self, l: L) {
+        let np = 2 * L::N;
+        let kc = (PANEL_MAX / np).max(1);
+        let mut packed = [G::ZERO; PANEL_MAX];
+        let mut k0 = 0;
+        loop {
+            let k1 = (k0 + kc).min(self.d);
+            let last = k1 == self.d;
+            let mut j = self.j0;
+            while j < self.j1 {
+                let nj = np.min(self.j1 - j);
+                self.pack(l, &mut packed, j, nj, (k0, k1));
+                let full = self.rows - self.rows % MR;
+                for r in (0..full).step_by(MR) {
+                    self.tile::<L, MR>(l, &packed, r, (j, nj), (k0, k1), last);
                 }
+                for r in full..self.rows {
+                    self.tile::<L, 1>(l, &packed, r, (j, nj), (k0, k1), last);
+                }
+                j += nj;
             }
-            k += L::N;
+            if last {
+                break;
+            }
+            k0 = k1;
         }
-        let tl = l.tail();
-        for i in 0..NR {
-            for q in 0..NJ {
-                let mut s = l.hsum(acc[i][q]);
-                for kk in body..d {
-                    let (xk, wk) = (tl.load(&xs[i][kk..]), tl.load(&ws[q][kk..]));
-                    s = tl.hsum(tl.mul_add(xk, wk, tl.splat(s)));
+    }
+
+    /// `packed[(k - k0)·np + q] = w[j + q, k]` (zero beyond the `nj` classes):
+    /// `N x N` blocks transposed in registers, the edges one by one.
+    #[inline(always)]
+    fn pack<L: Lanes<F = G>>(
+        &self,
+        l: L,
+        packed: &mut [G],
+        j: usize,
+        nj: usize,
+        (k0, k1): (usize, usize),
+    ) {
+        let (n, d, np) = (L::N, self.d, 2 * L::N);
+        let kn = k1 - k0;
+        for q0 in (0..np).step_by(n) {
+            let mut kk = 0;
+            if q0 + n <= nj {
+                while kk + n <= kn {
+                    let src = &self.w[(j + q0) * d + k0 + kk..];
+                    l.transpose(src, d, &mut packed[kk * np + q0..], np);
+                    kk += n;
                 }
-                if let Some(b) = self.bias {
-                    s += b[j + q];
-                }
-                // SAFETY: each task owns the columns j0..j1 of every row.
-                let o = unsafe { self.dst.get_mut((r + i) * self.ld + j + q, 1) };
-                o[0] = s;
             }
+            for kk in kk..kn {
+                for q in q0..q0 + n {
+                    packed[kk * np + q] = if q < nj {
+                        self.w[(j + q) * d + k0 + kk]
+                    } else {
+                        G::ZERO
+                    };
+                }
+            }
+        }
+    }
+
+    /// Logits of rows `r..r + NR` and the panel's classes `j..j + nj`, over
+    /// `k0..k1`: each element's `mul_add` chain continues from what the block
+    /// before left in `dst` (from zero for the first), in `k` order; the
+    /// bias is added after the last block.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn tile<L: Lanes<F = G>, const NR: usize>(
+        &self,
+        l: L,
+        packed: &[G],
+        r: usize,
+        (j, nj): (usize, usize),
+        (k0, k1): (usize, usize),
+        last: bool,
+    ) {
+        let (n, d) = (L::N, self.d);
+        let mut acc = [[l.splat(G::ZERO); 2]; NR];
+        let mut tmp = [G::ZERO; 2 * MAX_LANES];
+        if k0 > 0 {
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: each task owns the columns j0..j1 of every row.
+                let src = unsafe { self.dst.get((r + i) * self.ld + j, nj) };
+                tmp[..nj].copy_from_slice(src);
+                *a = [l.load(&tmp[..]), l.load(&tmp[n..])];
+            }
+        }
+        let xs: [&[G]; NR] = std::array::from_fn(|i| &self.x[(r + i) * d + k0..(r + i) * d + k1]);
+        for (kk, p) in packed.chunks_exact(2 * n).take(k1 - k0).enumerate() {
+            let (w0, w1) = (l.load(p), l.load(&p[n..]));
+            for i in 0..NR {
+                let xb = l.splat(xs[i][kk]);
+                acc[i][0] = l.mul_add(xb, w0, acc[i][0]);
+                acc[i][1] = l.mul_add(xb, w1, acc[i][1]);
+            }
+        }
+        let bias = match self.bias {
+            Some(b) if last => {
+                tmp[..nj].copy_from_slice(&b[j..j + nj]);
+                tmp[nj..2 * n].fill(G::ZERO);
+                Some([l.load(&tmp[..]), l.load(&tmp[n..])])
+            }
+            _ => None,
+        };
+        for (i, a) in acc.iter().enumerate() {
+            let (mut v0, mut v1) = (a[0], a[1]);
+            if let Some([b0, b1]) = bias {
+                (v0, v1) = (l.add(v0, b0), l.add(v1, b1));
+            }
+            l.store(v0, &mut tmp[..]);
+            l.store(v1, &mut tmp[n..]);
+            // SAFETY: as above.
+            let out = unsafe { self.dst.get_mut((r + i) * self.ld + j, nj) };
+            out.copy_from_slice(&tmp[..nj]);
         }
     }
 }

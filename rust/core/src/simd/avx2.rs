@@ -149,6 +149,10 @@ impl Lanes for Avx2 {
         unsafe { (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) as u32).count_ones() }
     }
     #[inline(always)]
+    fn transpose(self, src: &[f32], stride: usize, dst: &mut [f32], dst_stride: usize) {
+        transpose8(src, stride, dst, dst_stride);
+    }
+    #[inline(always)]
     fn load<T: Elem>(self, src: &[T]) -> __m256 {
         assert!(src.len() >= 8);
         let p = src.as_ptr();
@@ -199,6 +203,49 @@ impl Lanes for Avx2 {
                     );
                 }
             }
+        }
+    }
+}
+
+/// `dst[k · dst_stride + i] = src[i · stride + k]` for an 8 x 8 block, by
+/// register shuffles. Callers hold an `Avx2` or `Avx512` token (both mean
+/// AVX2 is present), and the bounds are asserted.
+#[inline(always)]
+pub(crate) fn transpose8(src: &[f32], stride: usize, dst: &mut [f32], dst_stride: usize) {
+    assert!(src.len() >= 7 * stride + 8 && dst.len() >= 7 * dst_stride + 8);
+    // SAFETY: AVX2 is present (see above); the 8 rows read and the 8 rows
+    // written lie inside the slices (asserted).
+    unsafe {
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * stride)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (k, v) in o.into_iter().enumerate() {
+            _mm256_storeu_ps(d.add(k * dst_stride), v);
         }
     }
 }

@@ -163,6 +163,17 @@ impl Lanes for Avx512 {
         unsafe { u32::from(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b)).count_ones() }
     }
     #[inline(always)]
+    fn transpose(self, src: &[f32], stride: usize, dst: &mut [f32], dst_stride: usize) {
+        for (bi, bk) in [(0, 0), (0, 8), (8, 0), (8, 8)] {
+            avx2::transpose8(
+                &src[bi * stride + bk..],
+                stride,
+                &mut dst[bk * dst_stride + bi..],
+                dst_stride,
+            );
+        }
+    }
+    #[inline(always)]
     fn load<T: Elem>(self, src: &[T]) -> __m512 {
         assert!(src.len() >= 16);
         let p = src.as_ptr();

@@ -90,6 +90,16 @@ pub trait Lanes: Copy + Send + Sync {
     /// Loads the first `N` elements of `src` (which must hold at least `N`),
     /// converting them to the compute type.
     fn load<T: Elem>(self, src: &[T]) -> Self::V;
+    /// Transposes an `N x N` block: `dst[k · dst_stride + i] = src[i · stride
+    /// + k]` (the vector kernels override this with register shuffles).
+    #[inline(always)]
+    fn transpose(self, src: &[Self::F], stride: usize, dst: &mut [Self::F], dst_stride: usize) {
+        for k in 0..Self::N {
+            for i in 0..Self::N {
+                dst[k * dst_stride + i] = src[i * stride + k];
+            }
+        }
+    }
     /// Stores the lanes into the first `N` elements of `dst` (which must hold
     /// at least `N`), rounding to nearest-even when `T` is narrower.
     fn store<T: Elem>(self, v: Self::V, dst: &mut [T]);
@@ -401,6 +411,39 @@ mod tests {
                 type Output = ();
                 fn run<L: Lanes<F = f32>>(self, l: L) {
                     rt(l)
+                }
+            }
+            if let Some(l) = Avx2::new() {
+                avx2::run(T, l);
+            }
+            if let Some(l) = Avx512::new() {
+                avx512::run(T, l);
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_match_the_scalar_definition() {
+        fn check<L: Lanes<F = f32>>(l: L) {
+            let (n, stride, dst_stride) = (L::N, L::N + 5, 2 * L::N + 3);
+            let src: Vec<f32> = (0..n * stride).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let mut dst = vec![f32::NAN; n * dst_stride];
+            l.transpose(&src, stride, &mut dst, dst_stride);
+            for k in 0..n {
+                for i in 0..n {
+                    assert_eq!(dst[k * dst_stride + i], src[i * stride + k], "N = {n}");
+                }
+                assert!(dst[k * dst_stride + n].is_nan(), "wrote past the block");
+            }
+        }
+        check(ScalarF32);
+        #[cfg(target_arch = "x86_64")]
+        {
+            struct T;
+            impl Task<f32> for T {
+                type Output = ();
+                fn run<L: Lanes<F = f32>>(self, l: L) {
+                    check(l)
                 }
             }
             if let Some(l) = Avx2::new() {
