@@ -76,16 +76,10 @@ impl Lanes for Avx2 {
     #[inline(always)]
     fn exp(self, x: __m256) -> __m256 {
         unsafe {
-            let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_LO));
-            let over = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(EXP_HI));
-            // min/max return their second operand when either is NaN: NaN survives.
-            let xc = _mm256_max_ps(
-                _mm256_set1_ps(EXP_LO),
-                _mm256_min_ps(_mm256_set1_ps(EXP_HI), x),
-            );
-            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
-            );
+            // max returns its second operand when either is NaN: NaN survives.
+            let xc = _mm256_max_ps(_mm256_set1_ps(EXP_LO), x);
+            let t = _mm256_fmadd_ps(xc, _mm256_set1_ps(LOG2E), _mm256_set1_ps(EXP_SHIFT));
+            let n = _mm256_sub_ps(t, _mm256_set1_ps(EXP_SHIFT));
             let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
             let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
             let mut p = _mm256_set1_ps(EXP_P0);
@@ -98,13 +92,9 @@ impl Lanes for Avx2 {
                 _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
                 _mm256_set1_ps(1.0),
             );
-            let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(n),
-                _mm256_set1_epi32(127),
-            ));
-            let res = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-            let res = _mm256_andnot_ps(under, res);
-            _mm256_blendv_ps(res, _mm256_set1_ps(f32::INFINITY), over)
+            let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_castps_si256(t)));
+            let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_LO));
+            _mm256_andnot_ps(under, _mm256_mul_ps(y, pow2))
         }
     }
     #[inline(always)]

@@ -78,17 +78,10 @@ impl Lanes for Avx512 {
     #[inline(always)]
     fn exp(self, x: __m512) -> __m512 {
         unsafe {
-            let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(EXP_LO));
-            let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(EXP_HI));
-            let xc = _mm512_max_ps(
-                _mm512_set1_ps(EXP_LO),
-                _mm512_min_ps(_mm512_set1_ps(EXP_HI), x),
-            );
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-            let xc = _mm512_mask_mov_ps(xc, nan, x);
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(xc, _mm512_set1_ps(LOG2E)),
-            );
+            // max returns its second operand when either is NaN: NaN survives.
+            let xc = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
+            let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), _mm512_set1_ps(EXP_SHIFT));
+            let n = _mm512_sub_ps(t, _mm512_set1_ps(EXP_SHIFT));
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
             let mut p = _mm512_set1_ps(EXP_P0);
@@ -101,14 +94,9 @@ impl Lanes for Avx512 {
                 _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
                 _mm512_set1_ps(1.0),
             );
-            let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_cvtps_epi32(n),
-                _mm512_set1_epi32(127),
-            ));
-            let res = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-            let res = _mm512_mask_mov_ps(res, nan, x);
-            let res = _mm512_mask_mov_ps(res, under, _mm512_setzero_ps());
-            _mm512_mask_mov_ps(res, over, _mm512_set1_ps(f32::INFINITY))
+            let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_castps_si512(t)));
+            let kept = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP_LO));
+            _mm512_maskz_mul_ps(kept, y, pow2)
         }
     }
     #[inline(always)]
