@@ -10,6 +10,7 @@ computed in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Literal, Optional
 
@@ -184,7 +185,9 @@ def _env_budget() -> Optional[int]:
     return _env_bytes("FUSEDCE_CHUNK_BYTES", 1)
 
 
+@functools.lru_cache(maxsize=1)
 def _physical_memory() -> int:
+    """The machine's physical memory in bytes (read once: it does not change)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
