@@ -60,7 +60,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", action="append", default=[])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--plot", help="write a PNG of ns per logit against the class count (CE forward)")
     a = ap.parse_args()
+    results = []
     shapes = [tuple(int(v) for v in s.split(",")) for s in a.shape] or [(8192, 32000)]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
     print(f"# {cpu}, {os.cpu_count()} CPUs, fusedce SIMD {fusedce.simd_level()}, {fusedce.get_num_threads()} threads, "
@@ -81,6 +83,7 @@ def main():
             "token_stats default (+argmax, rank)": (lambda: fusedce.token_stats(x, t), None, None),
         }
         read = best(lambda: x.max(), a.repeats)
+        results.append(dict(c=c, what="read", fusedce=read / x.size * 1e9))
         print(f"| {n}, {c} | numpy x.max() (1 thread, reads the logits once) | {read * 1e3:.1f} | {read / x.size * 1e9:.3f} | | | | |")
         for name, (ours, tf, jf) in rows.items():
             f = best(ours, a.repeats)
@@ -102,8 +105,41 @@ def main():
                 peers.append(None)
             cells = " | ".join("" if p is None else f"{p * 1e3:.1f}" for p in peers)
             known = [p for p in peers if p is not None]
+            results.append(dict(c=c, what=name, fusedce=f / x.size * 1e9,
+                                **{k: None if p is None else p / x.size * 1e9
+                                   for k, p in zip(("torch eager", "torch.compile", "JAX jit"), peers)}))
             ratio = f"{min(known) / f:.2f}" if known else ""
             print(f"| {n}, {c} | {name} | {f * 1e3:.1f} | {f / x.size * 1e9:.3f} | {cells} | {ratio} |")
+    if a.plot:
+        plot(results, a.plot, cpu)
+
+
+def plot(results, path, cpu):
+    """ns per logit of the CE forward against C, every library, with the
+    single-thread read of the logits (numpy's max) as the memory line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ce = [r for r in results if r["what"] == "CE forward (mean)"]
+    cs = [r["c"] for r in ce]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lib in ("fusedce", "torch eager", "torch.compile", "JAX jit"):
+        ys = [r.get(lib) for r in ce]
+        if any(y is not None for y in ys):
+            ax.plot(cs, ys, marker="o", label=lib)
+    reads = [r["fusedce"] for r in results if r["what"] == "read"]
+    ax.plot(cs, reads, "k--", label="one read of the logits (numpy max, 1 thread)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("classes C (N x C = 2^28 logits)")
+    ax.set_ylabel("ns per logit (lower is better)")
+    ax.set_title(f"cross_entropy forward, float32\n{cpu}, 2 threads")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
