@@ -26,6 +26,13 @@ pub(crate) enum Dtype {
 impl Dtype {
     /// The dtype of the array `obj` (argument `arg`), or a TypeError.
     pub fn of(arg: &str, obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        // the common cases by numpy's own type check, without attribute lookups
+        if obj.cast::<PyArrayDyn<f32>>().is_ok() {
+            return Ok(Dtype::F32);
+        }
+        if obj.cast::<PyArrayDyn<f64>>().is_ok() {
+            return Ok(Dtype::F64);
+        }
         let name = obj.getattr("dtype")?.getattr("name")?;
         match name.extract::<String>()?.as_str() {
             "float32" => Ok(Dtype::F32),
