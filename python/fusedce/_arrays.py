@@ -113,7 +113,7 @@ def check_writable(arg: str, a: np.ndarray) -> None:
 
 
 def is_floating(a: np.ndarray) -> bool:
-    return a.dtype in FLOAT_DTYPES or np.issubdtype(a.dtype, np.floating)
+    return a.dtype.kind == "f" or a.dtype == BFLOAT16
 
 
 def shape_str(shape: tuple[int, ...]) -> str:

@@ -114,7 +114,10 @@ def check_device(device: Any) -> Device:
 
 def int_arg(arg: str, v: Any) -> int:
     """An integer argument in int64's range (TypeError for other types)."""
-    if not isinstance(v, numbers.Integral):
+    if type(v) is int:  # the common case, without the slow ABC check
+        if _INT64.min <= v <= _INT64.max:
+            return v
+    elif not isinstance(v, numbers.Integral):
         raise TypeError(f"{arg}: expected an integer, got {type(v).__name__} {v!r}")
     i = int(v)
     if not _INT64.min <= i <= _INT64.max:
@@ -124,6 +127,8 @@ def int_arg(arg: str, v: Any) -> int:
 
 def float_arg(arg: str, v: Any) -> float:
     """A real-number argument (TypeError for strings, arrays, ...)."""
+    if type(v) is float:  # the common case, without the slow ABC check
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{arg}: expected a float, got {type(v).__name__} {v!r}")
     return float(v)
@@ -170,7 +175,7 @@ def _target(target: Any, logits_shape: tuple, dtype: np.dtype) -> np.ndarray:
             f"or class probabilities of the input's shape {shape_str(logits_shape)}, "
             f"got a {t.dtype} array of shape {shape_str(t.shape)}"
         )
-    if not np.issubdtype(t.dtype, np.integer):
+    if t.dtype.kind not in "iu":
         raise TypeError(
             f"target: expected an integer array of class indices or a floating array of "
             f"probabilities, got dtype {t.dtype}"
