@@ -115,6 +115,18 @@ impl<G: GemmReal> Task<G> for LogitTask<'_, G> {
     }
 }
 
+/// One packed panel: classes `j..j + nj` over `k0..k1` (`last`: the final
+/// block of `D`, after which the bias is added).
+#[derive(Clone, Copy)]
+struct Panel<'a, G> {
+    packed: &'a [G],
+    j: usize,
+    nj: usize,
+    k0: usize,
+    k1: usize,
+    last: bool,
+}
+
 impl<G: GemmReal> LogitTask<'_, G> {
     /// The task's classes, `2·N` at a time (a panel), over `D` in blocks of
     /// `kc` (as many as fit [`PANEL_MAX`]): each block of each panel is
@@ -132,12 +144,20 @@ impl<G: GemmReal> LogitTask<'_, G> {
             while j < self.j1 {
                 let nj = np.min(self.j1 - j);
                 self.pack(l, &mut packed, j, nj, (k0, k1));
+                let panel = Panel {
+                    packed: &packed,
+                    j,
+                    nj,
+                    k0,
+                    k1,
+                    last,
+                };
                 let full = self.rows - self.rows % MR;
                 for r in (0..full).step_by(MR) {
-                    self.tile::<L, MR>(l, &packed, r, (j, nj), (k0, k1), last);
+                    self.tile::<L, MR>(l, &panel, r);
                 }
                 for r in full..self.rows {
-                    self.tile::<L, 1>(l, &packed, r, (j, nj), (k0, k1), last);
+                    self.tile::<L, 1>(l, &panel, r);
                 }
                 j += nj;
             }
@@ -187,17 +207,16 @@ impl<G: GemmReal> LogitTask<'_, G> {
     /// before left in `dst` (from zero for the first), in `k` order; the
     /// bias is added after the last block.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn tile<L: Lanes<F = G>, const NR: usize>(
-        &self,
-        l: L,
-        packed: &[G],
-        r: usize,
-        (j, nj): (usize, usize),
-        (k0, k1): (usize, usize),
-        last: bool,
-    ) {
+    fn tile<L: Lanes<F = G>, const NR: usize>(&self, l: L, p: &Panel<'_, G>, r: usize) {
         let (n, d) = (L::N, self.d);
+        let Panel {
+            packed,
+            j,
+            nj,
+            k0,
+            k1,
+            last,
+        } = *p;
         let mut acc = [[l.splat(G::ZERO); 2]; NR];
         let mut tmp = [G::ZERO; 2 * MAX_LANES];
         if k0 > 0 {
