@@ -1,4 +1,4 @@
-"""PyTorch adapter: fusedce's fused passes as ``torch.autograd.Function``\\ s
+"""PyTorch adapter: fusedce's fused passes as ``torch.autograd.Function`` classes
 on CPU tensors (float32, float64, float16 and bfloat16).
 
 Drop-in for ``torch.nn.functional.cross_entropy`` and
