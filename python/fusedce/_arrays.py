@@ -3,7 +3,7 @@ protocol, dtypes, layout), each check with one message naming the argument."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import ml_dtypes
 import numpy as np
@@ -22,10 +22,9 @@ def as_array(arg: str, obj: Any) -> np.ndarray:
     (strides and read-only producers honoured, no copy); anything else goes
     through ``np.asarray`` (``__array__``, Python lists and numbers).
     """
-    if isinstance(obj, np.ndarray):
-        return obj
-    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        return from_dlpack(arg, obj)
+    view = _zero_copy_view(arg, obj)
+    if view is not None:
+        return view
     try:
         return np.asarray(obj)
     except Exception as exc:  # noqa: BLE001 - report what the user passed
@@ -39,11 +38,20 @@ def output_array(arg: str, obj: Any) -> np.ndarray:
     """The memory of an output the caller provides, viewed without a copy: a
     numpy array, or a DLPack producer (a PyTorch tensor, bfloat16 included);
     a TypeError naming ``arg`` for anything else."""
+    view = _zero_copy_view(arg, obj)
+    if view is not None:
+        return view
+    raise TypeError(f"{arg}: expected a numpy array or a DLPack tensor, got {type(obj).__name__}")
+
+
+def _zero_copy_view(arg: str, obj: Any) -> Optional[np.ndarray]:
+    """``obj`` itself (a numpy array) or its DLPack view; None for objects
+    that can only be converted."""
     if isinstance(obj, np.ndarray):
         return obj
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         return from_dlpack(arg, obj)
-    raise TypeError(f"{arg}: expected a numpy array or a DLPack tensor, got {type(obj).__name__}")
+    return None
 
 
 def same_memory(a: np.ndarray, b: np.ndarray) -> bool:

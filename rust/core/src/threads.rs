@@ -73,8 +73,8 @@ pub fn default_num_threads() -> Result<usize, CeError> {
 /// Sets the default thread count of every later call (`1..=MAX_THREADS`,
 /// else an error naming `n`) and starts its pool. Calls already running
 /// finish on their pool.
-pub fn set_num_threads(n: u64) -> Result<(), CeError> {
-    let n = config::check_threads("n", n.min(i128::MAX as u64) as i128)?;
+pub fn set_num_threads(n: i128) -> Result<(), CeError> {
+    let n = config::check_threads("n", n)?;
     pool_of(n)?;
     DEFAULT.store(n, Ordering::Relaxed);
     Ok(())
@@ -90,16 +90,15 @@ pub fn num_threads() -> Result<usize, CeError> {
 
 /// Sets (`Some`) or clears (`None`) the thread count of the calls made
 /// from this thread, overriding the default; returns the previous setting.
-pub fn set_call_threads(n: Option<usize>) -> Result<Option<usize>, CeError> {
-    if let Some(n) = n {
-        config::check_threads("n", n as i128)?;
-    }
+/// `n` is checked here (`1..=MAX_THREADS`, else an error naming `n`).
+pub fn set_call_threads(n: Option<i128>) -> Result<Option<usize>, CeError> {
+    let n = n.map(|n| config::check_threads("n", n)).transpose()?;
     Ok(CALL_THREADS.with(|c| c.replace(n)))
 }
 
 /// `f()` with this thread's calls on `n` threads, then the previous setting.
 pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> Result<R, CeError> {
-    let previous = set_call_threads(Some(n))?;
+    let previous = set_call_threads(Some(n as i128))?;
     let out = f();
     CALL_THREADS.with(|c| c.set(previous));
     Ok(out)

@@ -23,9 +23,8 @@ use pyo3::prelude::*;
 /// the pool starts with the GIL released.
 #[pyfunction]
 fn set_num_threads(py: Python<'_>, n: i128) -> PyResult<()> {
-    let n = core::config::check_threads("n", n).map_err(CoreError)?;
     Ok(py
-        .detach(|| core::threads::set_num_threads(n as u64))
+        .detach(|| core::threads::set_num_threads(n))
         .map_err(CoreError)?)
 }
 
@@ -34,10 +33,6 @@ fn set_num_threads(py: Python<'_>, n: i128) -> PyResult<()> {
 #[pyfunction]
 #[pyo3(signature = (n))]
 fn set_call_threads(n: Option<i128>) -> PyResult<Option<usize>> {
-    let n = n
-        .map(|n| core::config::check_threads("n", n))
-        .transpose()
-        .map_err(CoreError)?;
     Ok(core::threads::set_call_threads(n).map_err(CoreError)?)
 }
 
