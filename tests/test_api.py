@@ -50,6 +50,44 @@ def test_bitwise_identical_for_1_2_3_threads(shape, kw, dtype, restore_threads):
         np.testing.assert_array_equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(label_smoothing=0.1, weight=True),
+    dict(probs=True, label_smoothing=0.2),
+    dict(z_loss=1e-3, ignore=True),
+])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_a_long_row_split_across_threads_is_the_same_alone_or_in_a_batch(kw, dtype):
+    """Rows longer than a piece (16384 classes) that are fewer than the
+    threads are split across them by fixed pieces of classes; a row's loss
+    and gradient bits must not depend on that, on the thread count, or on
+    the rows around it."""
+    n, c = 3, 70_001
+    x = _logits((n, c), dtype)
+    if kw.get("probs"):
+        t = RNG.dirichlet(np.ones(c), size=n).astype(dtype)
+    else:
+        t = RNG.integers(0, c, size=n)
+        if kw.get("ignore"):
+            t[1] = -100
+    opts = {k: v for k, v in kw.items() if k in ("label_smoothing", "z_loss")}
+    if kw.get("weight"):
+        opts["weight"] = RNG.random(c)
+
+    def run(rows, threads):
+        with fusedce.threads(threads):
+            loss, grad = fusedce.cross_entropy(x[rows], t[rows], reduction="none",
+                                               return_grad=True, **opts)
+        return np.atleast_1d(loss).view(np.uint8), grad.view(np.uint8)
+
+    batch = run(slice(None), 1)
+    for r in range(n):
+        for threads in (1, 2, 3):
+            loss, grad = run(slice(r, r + 1), threads)
+            np.testing.assert_array_equal(loss, batch[0].reshape(n, -1)[r])
+            np.testing.assert_array_equal(grad, batch[1][r:r + 1])
+
+
 def test_set_num_threads_rejects_bad_values():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="n:"):

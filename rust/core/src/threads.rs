@@ -6,9 +6,10 @@
 
 use crate::config;
 use crate::error::CeError;
+use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The process-wide default thread count (`set_num_threads`); 0 until set.
@@ -106,19 +107,80 @@ pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> Result<R, CeError> {
 
 /// `f(threads)` for a call: a `small` one on the calling thread (`threads`
 /// = 1: handing it to the pool costs more than it does), any other inside
-/// the pool of this thread's thread count. Work items are fixed by the
-/// shape, so the bits are the same either way. Also reports a malformed
-/// environment.
+/// a pool of this thread's thread count — its home pool when it has one of
+/// that size, else a shared one. Work items are fixed by the shape, so the
+/// bits are the same either way. Also reports a malformed environment.
 pub(crate) fn run<R: Send>(
     small: bool,
     f: impl FnOnce(usize) -> Result<R, CeError> + Send,
 ) -> Result<R, CeError> {
     let threads = num_threads()?;
     if small || threads == 1 {
-        return f(1);
+        return with_parallel(false, || f(1));
     }
-    let pool = pool_of(threads)?;
-    pool.install(|| f(threads))
+    let in_pool = || with_parallel(true, || f(threads));
+    match home_pool(threads) {
+        Some(home) => home.install(in_pool),
+        None => pool_of(threads)?.install(in_pool),
+    }
+}
+
+thread_local! {
+    /// Whether the call running on this thread may hand work to the other
+    /// threads of its pool (set by [`run`]).
+    static PARALLEL: Cell<bool> = const { Cell::new(false) };
+    /// This thread's home pool and its size, once it has been decided.
+    static HOME: OnceLock<Option<(usize, &'static ThreadPool)>> = const { OnceLock::new() };
+}
+
+/// Whether a home pool has been given to a thread (one per process).
+static HOME_GIVEN: AtomicBool = AtomicBool::new(false);
+
+fn with_parallel<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let previous = PARALLEL.with(|p| p.replace(on));
+    let out = f();
+    PARALLEL.with(|p| p.set(previous));
+    out
+}
+
+/// Whether the call running on this thread may run work items in parallel.
+pub(crate) fn parallel() -> bool {
+    PARALLEL.with(Cell::get)
+}
+
+/// The home pool of the calling thread if it is of `n` threads. The first
+/// thread to make a parallel call (usually Python's main thread) gets one,
+/// of that call's size, with itself as one of its threads: its calls run on
+/// it without a hand-over, and it works beside the others instead of
+/// sleeping until they finish (on a virtual machine, waking a sleeping
+/// thread costs some ten microseconds each way). The pool lives as long as
+/// the process.
+fn home_pool(n: usize) -> Option<&'static ThreadPool> {
+    HOME.with(|home| {
+        let (size, pool) = (*home.get_or_init(|| {
+            if HOME_GIVEN.swap(true, Ordering::SeqCst) {
+                return None;
+            }
+            let built = ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("fusedce-home-{i}"))
+                .use_current_thread()
+                .build()
+                .ok()?;
+            Some((n, &*Box::leak(Box::new(built))))
+        }))?;
+        (size == n).then_some(pool)
+    })
+}
+
+/// `f(i, piece)` for the `len`-long pieces of `v`, in parallel when the
+/// call running on this thread may be (see [`parallel`]).
+pub(crate) fn for_pieces<V: Send>(v: &mut [V], len: usize, f: impl Fn(usize, &mut [V]) + Sync) {
+    if parallel() {
+        v.par_chunks_mut(len).enumerate().for_each(|(i, p)| f(i, p));
+    } else {
+        v.chunks_mut(len).enumerate().for_each(|(i, p)| f(i, p));
+    }
 }
 
 /// One `B` (a thread's scratch buffers) per thread of a call, made before

@@ -6,6 +6,7 @@
 //! lengths were checked against it by the caller.
 
 use super::io::{Io, Logits};
+use super::long_rows;
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
 use crate::error::CeError;
@@ -49,7 +50,12 @@ where
     if !plan.transform.is_identity() {
         run_gathered(plan, sample0, io, probs, out, bufs)
     } else if plan.spatial == 1 {
-        run_rows(plan, sample0, io, probs, out)
+        let c = plan.k.classes;
+        if long_rows::wants_split(io.len() / c, c) {
+            long_rows::run(plan, sample0, io, probs, out, rows_per_item(c))
+        } else {
+            run_rows(plan, sample0, io, probs, out)
+        }
     } else {
         run_columns(plan, sample0, io, probs, out)
     }
@@ -64,14 +70,14 @@ pub(crate) fn is_small(logits: usize) -> bool {
 
 /// `f(scratch, item)` for every item, in parallel on the current pool (each
 /// thread reusing one scratch from `init`) when there is more than one and
-/// the caller runs inside a pool; else on the calling thread (a small call
-/// never reaches rayon's global pool). Results in item order.
+/// the call may run in parallel (`threads::parallel`); else on the calling
+/// thread. Results in item order.
 pub(crate) fn map_items<I: Send, S, R: Send>(
     items: Vec<I>,
     init: impl Fn() -> S + Sync + Send,
     f: impl Fn(&mut S, I) -> R + Sync + Send,
 ) -> Vec<R> {
-    if items.len() <= 1 || rayon::current_thread_index().is_none() {
+    if items.len() <= 1 || !crate::threads::parallel() {
         let mut s = init();
         return items.into_iter().map(|i| f(&mut s, i)).collect();
     }
@@ -92,6 +98,11 @@ fn scratch<F: Real>(want: bool, len: usize) -> Option<Vec<F>> {
 }
 
 // ---- (N, C): rows ----------------------------------------------------------
+
+/// Rows of `c` classes per row work item.
+fn rows_per_item(c: usize) -> usize {
+    (ITEM_ELEMS / c).max(1)
+}
 
 struct RowTask<'a, 'p, T: Elem, O> {
     plan: &'p Plan<'p, T::Acc>,
@@ -147,7 +158,7 @@ where
     T::Acc: Compute,
 {
     let c = plan.k.classes;
-    let rows_per = (ITEM_ELEMS / c).max(1);
+    let rows_per = rows_per_item(c);
     let want_grad = io.wants_grad();
     let ios = io.pieces(rows_per * c);
     let mut loss_chunks: Vec<Option<&mut [O]>> = match out.losses {

@@ -4,6 +4,7 @@
 
 pub(crate) mod execute;
 pub mod io;
+mod long_rows;
 pub mod plan;
 
 pub use io::{Io, Logits};

@@ -212,3 +212,18 @@ impl<T> GradAccess<T> for Same<'_, T> {
         &mut self.0[i..]
     }
 }
+
+/// A piece of a row starting at its class `lo`, read and written by class
+/// index (the piece's own slices hold classes `lo..`).
+pub(crate) struct Shifted<A>(pub A, pub usize);
+
+impl<T, A: GradAccess<T>> GradAccess<T> for Shifted<A> {
+    #[inline(always)]
+    fn x(&self, i: usize) -> &[T] {
+        self.0.x(i - self.1)
+    }
+    #[inline(always)]
+    fn g(&mut self, i: usize) -> &mut [T] {
+        self.0.g(i - self.1)
+    }
+}

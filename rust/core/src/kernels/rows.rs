@@ -16,6 +16,49 @@ pub(crate) struct RowIn<'r, T, F> {
     pub scale: F,
 }
 
+/// Classes per piece of a row. A row's maximum and sums are those of its
+/// pieces (`[j PIECE, (j + 1) PIECE)`, the last one shorter), each taken on
+/// its own and joined in piece order. The pieces are fixed by `C` alone (a
+/// multiple of every lane count), so a long row split across threads by its
+/// pieces (`ce/long_rows.rs`) gives the bits it gives on one thread.
+pub(crate) const PIECE: usize = 1 << 14;
+
+/// The pieces of a row of `c` classes, in order (one, empty, when `c = 0`).
+pub(crate) fn pieces(c: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
+    (0..c.div_ceil(PIECE).max(1)).map(move |j| (j * PIECE, ((j + 1) * PIECE).min(c)))
+}
+
+/// Where the lanes of `L` stop in the piece `[lo, hi)` and its tail begins.
+#[inline(always)]
+fn piece_body<L: Lanes>((lo, hi): (usize, usize)) -> usize {
+    lo + (hi - lo) / L::N * L::N
+}
+
+/// The maximum of the piece `p` of the row `x`.
+#[inline(always)]
+pub(crate) fn piece_max<L: Lanes, T: Elem>(l: L, x: &[T], p: (usize, usize)) -> L::F {
+    let body = piece_body::<L>(p);
+    let (m1, m2) = (max_of(l, x, p.0, body), max_of(l.tail(), x, body, p.1));
+    if m2 > m1 {
+        m2
+    } else {
+        m1
+    }
+}
+
+/// The maximum of a row: its pieces' maxima joined in order (a NaN stays).
+#[inline(always)]
+fn row_max<L: Lanes, T: Elem>(l: L, x: &[T]) -> L::F {
+    // Loops, not closures: a closure may not be inlined into the caller's
+    // target features, and the lanes' intrinsics must be.
+    let mut ps = pieces(x.len());
+    let mut m = piece_max(l, x, ps.next().unwrap_or((0, 0)));
+    for p in ps {
+        m = m.max_nan(piece_max(l, x, p));
+    }
+    m
+}
+
 #[inline(always)]
 pub(crate) fn max_of<L: Lanes, T: Elem>(l: L, x: &[T], lo: usize, hi: usize) -> L::F {
     let n = L::N;
@@ -122,9 +165,52 @@ fn exp_pass<L: Lanes, T: Elem>(
     }
 }
 
+/// The sums of the piece `p` of the row `x` (see [`exp_pass`]).
+#[inline(always)]
+pub(crate) fn piece_sums<L: Lanes, T: Elem>(
+    l: L,
+    k: &Consts<L::F>,
+    x: &[T],
+    probs: Option<&[T]>,
+    p: (usize, usize),
+    m: L::F,
+    mut scratch: Option<&mut [L::F]>,
+) -> Sums<L::F> {
+    let body = piece_body::<L>(p);
+    let a = exp_pass(l, k, x, probs, p.0, body, m, scratch.as_deref_mut());
+    a.add(exp_pass(l.tail(), k, x, probs, body, p.1, m, scratch))
+}
+
+/// `exp(x_y - m)` for a class target (as the passes compute it), else 0.
+#[inline(always)]
+pub(crate) fn target_exp<L: Lanes, T: Elem>(l: L, x: &[T], t: SampleTarget<L::F>, m: L::F) -> L::F {
+    match t {
+        SampleTarget::Class { y, .. } => exp_at(l, x, x.len() - x.len() % L::N, y, m),
+        _ => L::F::ZERO,
+    }
+}
+
+/// The row's loss and gradient constants from its maximum `m` and sums.
+#[inline(always)]
+pub(crate) fn conclude<T: Elem, F: Real>(
+    k: &Consts<F>,
+    r: &RowIn<'_, T, F>,
+    x: &[T],
+    m: F,
+    sums: Sums<F>,
+) -> (F, GradConsts<F>) {
+    let xy = match r.target {
+        SampleTarget::Class { y, .. } => F::from_elem(x[y]) - m,
+        _ => F::ZERO,
+    };
+    let (loss, k1) = finish(k, r.target, xy, sums, m);
+    let scale = sample_scale(r.target, r.scale);
+    (loss, GradConsts { m, k1, scale })
+}
+
 /// The row's constants in the gradient pass.
 #[derive(Clone, Copy)]
-struct GradConsts<F> {
+pub(crate) struct GradConsts<F> {
     m: F,
     k1: F,
     scale: F,
@@ -179,10 +265,11 @@ pub(crate) fn exp_at<L: Lanes, T: Elem>(l: L, x: &[T], body: usize, i: usize, m:
     lanes[i - i0]
 }
 
-/// Both gradient passes and the target class's own gradient.
+/// The gradient of the piece `p` of a row: both passes, then the target
+/// class's own gradient when it lies in the piece.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
+pub(crate) fn piece_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     l: L,
     k: &Consts<L::F>,
     acc: &mut A,
@@ -190,13 +277,15 @@ fn gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     e: Option<&[L::F]>,
     gc: GradConsts<L::F>,
     e_y: L::F,
+    p: (usize, usize),
 ) {
-    let c = k.classes;
-    let body = c - c % L::N;
-    grad_pass(l, k, acc, r.probs, e, 0, body, gc);
-    grad_pass(l.tail(), k, acc, r.probs, e, body, c, gc);
+    let body = piece_body::<L>(p);
+    grad_pass(l, k, acc, r.probs, e, p.0, body, gc);
+    grad_pass(l.tail(), k, acc, r.probs, e, body, p.1, gc);
     if let SampleTarget::Class { y, w_y } = r.target {
-        acc.g(y)[0] = target_grad(k, e_y, gc.k1, w_y, gc.scale).to_elem();
+        if (p.0..p.1).contains(&y) {
+            acc.g(y)[0] = target_grad(k, e_y, gc.k1, w_y, gc.scale).to_elem();
+        }
     }
 }
 
@@ -212,44 +301,28 @@ pub(crate) fn row<L: Lanes, T: Elem>(
     scratch: Option<&mut [L::F]>,
 ) -> L::F {
     let c = k.classes;
-    let body = c - c % L::N;
-    let tl = l.tail();
     if matches!(r.target, SampleTarget::Ignored) && !io.wants_grad() {
         return L::F::ZERO;
     }
     let mut scratch = if io.wants_grad() { scratch } else { None };
     let (gc, loss, e_y) = {
         let x = &io.input()[..c];
-        let (m1, m2) = (max_of(l, x, 0, body), max_of(tl, x, body, c));
-        let m = if m2 > m1 { m2 } else { m1 };
-        let sums = exp_pass(l, k, x, r.probs, 0, body, m, scratch.as_deref_mut());
-        let sums = sums.add(exp_pass(
-            tl,
-            k,
-            x,
-            r.probs,
-            body,
-            c,
-            m,
-            scratch.as_deref_mut(),
-        ));
-        let (xy, e_y) = match r.target {
-            SampleTarget::Class { y, .. } => (L::F::from_elem(x[y]) - m, exp_at(l, x, body, y, m)),
-            _ => (L::F::ZERO, L::F::ZERO),
-        };
-        let (loss, k1) = finish(k, r.target, xy, sums, m);
-        let gc = GradConsts {
-            m,
-            k1,
-            scale: sample_scale(r.target, r.scale),
-        };
+        let m = row_max(l, x);
+        let mut ps = pieces(c);
+        let first = ps.next().unwrap_or((0, 0));
+        let mut sums = piece_sums(l, k, x, r.probs, first, m, scratch.as_deref_mut());
+        for p in ps {
+            sums = sums.add(piece_sums(l, k, x, r.probs, p, m, scratch.as_deref_mut()));
+        }
+        let e_y = target_exp(l, x, r.target, m);
+        let (loss, gc) = conclude(k, &r, x, m, sums);
         (gc, loss, e_y)
     };
-    let e = scratch.as_deref();
+    let (e, whole) = (scratch.as_deref(), (0, c));
     match io {
         Io::Forward(_) => {}
-        Io::Grad(x, g) => gradient(l, k, &mut Separate(x, g), &r, e, gc, e_y),
-        Io::InPlace(x) => gradient(l, k, &mut Same(x), &r, e, gc, e_y),
+        Io::Grad(x, g) => piece_gradient(l, k, &mut Separate(x, g), &r, e, gc, e_y, whole),
+        Io::InPlace(x) => piece_gradient(l, k, &mut Same(x), &r, e, gc, e_y, whole),
     }
     loss
 }

@@ -9,7 +9,6 @@ use super::weight::{convert, widen_into, zeros, Weight};
 use crate::ce::{Io, Logits};
 use crate::elem::{same_type_mut, Elem};
 use crate::error::CeError;
-use rayon::prelude::*;
 
 /// What every chunk of one call shares.
 pub(crate) struct Ctx<'a, T, G> {
@@ -82,7 +81,7 @@ impl<'g, T: Elem, G: GemmReal + Default> Grads<'g, T, G> {
     pub fn new(dx: &'g mut [T], dw: &'g mut [T], db: Option<&'g mut [T]>) -> Result<Self, CeError> {
         let dw_acc = match same_type_mut::<T, G>(dw) {
             Some(out) => {
-                out.par_iter_mut().for_each(|v| *v = G::ZERO);
+                crate::threads::for_pieces(out, ZERO_PIECE, |_, p| p.fill(G::ZERO));
                 Vec::new()
             }
             None => zeros(dw.len(), "the weight-gradient accumulator")?,
@@ -233,20 +232,21 @@ fn backward<T: Elem, G: GemmReal + Default>(
 
 const BIAS_PIECE: usize = 4096;
 
+/// Values per piece when the weight-gradient accumulator is zeroed.
+const ZERO_PIECE: usize = 1 << 16;
+
 /// `acc[j] += Σ_rows dl[r, j]`, rows in order (pieces of columns in parallel).
 fn add_column_sums<G: GemmReal>(acc: &mut [f64], dl: &[G], cs: usize) {
     if cs == 0 {
         return;
     }
-    acc.par_chunks_mut(BIAS_PIECE)
-        .enumerate()
-        .for_each(|(j, acc)| {
-            let j0 = j * BIAS_PIECE;
-            let len = acc.len();
-            for row in dl.chunks_exact(cs) {
-                for (a, &v) in acc.iter_mut().zip(&row[j0..j0 + len]) {
-                    *a += v.to_f64();
-                }
+    crate::threads::for_pieces(acc, BIAS_PIECE, |j, acc| {
+        let j0 = j * BIAS_PIECE;
+        let len = acc.len();
+        for row in dl.chunks_exact(cs) {
+            for (a, &v) in acc.iter_mut().zip(&row[j0..j0 + len]) {
+                *a += v.to_f64();
             }
-        });
+        }
+    });
 }

@@ -6,7 +6,6 @@
 use crate::elem::{same_type, Elem, Real};
 use crate::error::CeError;
 use crate::threads::filled;
-use rayon::prelude::*;
 use std::borrow::Cow;
 
 const CONVERT_PIECE: usize = 1 << 16;
@@ -25,13 +24,11 @@ pub(crate) fn zeros<G: Clone + Default>(len: usize, what: &str) -> Result<Vec<G>
 /// `dst[i] = src[i]` converted (through f64: exact for every pair of
 /// supported types), in parallel pieces.
 pub(crate) fn convert<A: Elem, B: Elem>(src: &[A], dst: &mut [B]) {
-    dst.par_chunks_mut(CONVERT_PIECE)
-        .zip(src.par_chunks(CONVERT_PIECE))
-        .for_each(|(d, s)| {
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d = B::from_f64(s.to_f64());
-            }
-        });
+    crate::threads::for_pieces(dst, CONVERT_PIECE, |i, d| {
+        for (d, &s) in d.iter_mut().zip(&src[i * CONVERT_PIECE..]) {
+            *d = B::from_f64(s.to_f64());
+        }
+    });
 }
 
 /// `src` in type `G`: borrowed when it already is, else converted into
