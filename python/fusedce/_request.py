@@ -408,7 +408,9 @@ def _linear_part(input: Any, linear_weight: Any, linear_bias: Any, options: Any,
         )
     return LinearPart(
         readable(x).reshape(batch, d), readable(w), None if b is None else readable(b), d, rows,
-        bool(g_dtype == np.float64 and x.dtype != np.float64), weight_copy_limit(), grads,
+        bool(g_dtype == np.float64 and x.dtype != np.float64),
+        weight_copy_limit() if g_dtype != x.dtype else 0,  # only a converted weight is copied
+        grads,
         batch, logits_shape, () if x.ndim == 1 else (batch,) + tuple(w.shape[1:-1]),
         2.0 * batch * d * classes * spatial * (3 if return_grad else 1),
     )

@@ -156,15 +156,31 @@ impl<G: GemmReal> LogitTask<'_, G> {
                 for r in (0..full).step_by(MR) {
                     self.tile::<L, MR>(l, &panel, r);
                 }
-                for r in full..self.rows {
-                    self.tile::<L, 1>(l, &panel, r);
-                }
+                self.edge_tiles::<L>(l, &panel, full);
                 j += nj;
             }
             if last {
                 break;
             }
             k0 = k1;
+        }
+    }
+
+    /// The rows from `r` on, fewer than a full tile: tiles of 4, 2 and 1
+    /// rows (one row at a time would leave each chain waiting on its own
+    /// latency).
+    #[inline(always)]
+    fn edge_tiles<L: Lanes<F = G>>(&self, l: L, panel: &Panel<'_, G>, mut r: usize) {
+        if r + 4 <= self.rows {
+            self.tile::<L, 4>(l, panel, r);
+            r += 4;
+        }
+        if r + 2 <= self.rows {
+            self.tile::<L, 2>(l, panel, r);
+            r += 2;
+        }
+        if r < self.rows {
+            self.tile::<L, 1>(l, panel, r);
         }
     }
 
