@@ -1,12 +1,19 @@
-"""Side-by-side benchmark of fusedce.cross_entropy against PyTorch (CPU) and
-numpy, in the same process, paired runs, medians and ratios.
+"""cross_entropy forward and forward+backward: fusedce beside PyTorch eager,
+torch.compile and JAX jit, in one process, with the machine's limits
+measured in the same run (``_common.limits``: 2-thread read and copy
+bandwidth, exp throughput).
 
-    python benches/bench_ce.py [--reps 3] [--quick] [--out benches/out/ce.json]
+    python benches/bench_ce.py [--reps 3] [--quick] [--memory] [--out benches/out/ce.json]
+    python benches/bench_ce.py --sweep --plot benches/plots/ce_forward.png
 
-PyTorch is optional (``pip install torch``, ideally in a separate venv with
-fusedce installed too); without it only numpy is compared. Peak memory is
-measured in fresh subprocesses (``--memory``) as the growth of peak RSS over
-the inputs already resident.
+Times are the best of ``--reps`` after a warm-up (compilation) call, each
+call after 0.3 s idle. "bound" is the larger of the memory bound (the
+logits read once, plus the gradient written for forward+backward, at the
+measured bandwidth) and the exp bound (one exp per logit at numpy's measured
+exp rate). ``--sweep`` times the forward over C = 1024 .. 131072 with
+N x C = 2^28 and ``--plot`` draws ns per logit against C for every library,
+with the bounds as lines. Peak memory (``--memory``) is measured in fresh
+subprocesses as the growth of peak RSS over the inputs already resident.
 """
 
 from __future__ import annotations
@@ -14,25 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import ml_dtypes
 import numpy as np
 
 import fusedce
-
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:  # noqa: S110
-    torch = None
+from _common import F, best, header, jax, jnp, limits, to_torch, torch
 
 CASES = [
     # name, shape, dtype, forward+backward?
+    ("fp32 (8192, 32000) fwd", (8192, 32000), "float32", False),
     ("fp32 (8192, 32000) fwd+bwd", (8192, 32000), "float32", True),
     ("fp32 (2048, 128256) fwd", (2048, 128256), "float32", False),
     ("fp32 (2048, 128256) fwd+bwd", (2048, 128256), "float32", True),
@@ -59,21 +59,41 @@ def run_fusedce(x, t, bwd):
 
 
 def torch_inputs(x, t):
-    if x.dtype == ml_dtypes.bfloat16:
-        xt = torch.from_numpy(x.view(np.uint16).astype(np.int32) << 16).view(torch.float32).to(torch.bfloat16)
-    else:
-        xt = torch.from_numpy(x)
-    return xt, torch.from_numpy(t)
+    return to_torch(x), torch.from_numpy(t)
 
 
-def run_torch(xt, tt, bwd):
+def run_torch(xt, tt, bwd, fn=None):
+    fn = fn or F.cross_entropy
     if bwd:
         xg = xt.detach().requires_grad_(True)
-        loss = F.cross_entropy(xg, tt)
+        loss = fn(xg, tt)
         loss.backward()
         return loss, xg.grad
     with torch.no_grad():
-        return F.cross_entropy(xt, tt)
+        return fn(xt, tt)
+
+
+def jax_loss(x, t):
+    """The mean loss over every sample: lse over axis 1 minus the target's logit."""
+    x = x.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=1)
+    picked = jnp.take_along_axis(x, t[:, None], axis=1)[:, 0]
+    return jnp.mean(lse - picked)
+
+
+def peers(x, t, bwd):
+    """name -> a zero-argument call of each peer that is importable."""
+    out = {}
+    if torch is not None:
+        xt, tt = torch_inputs(x, t)
+        compiled = torch.compile(lambda a, b: F.cross_entropy(a, b))
+        out["torch eager"] = lambda: run_torch(xt, tt, bwd)
+        out["torch.compile"] = lambda: run_torch(xt, tt, bwd, compiled)
+    if jax is not None:
+        jx, jt = jax.device_put(x), jax.device_put(t.astype(np.int32))
+        f = jax.jit(jax.value_and_grad(jax_loss) if bwd else jax_loss)
+        out["JAX jit"] = lambda: jax.block_until_ready(f(jx, jt))
+    return out
 
 
 def run_numpy(x, t, bwd):
@@ -94,22 +114,12 @@ def run_numpy(x, t, bwd):
     return loss, np.moveaxis(g, -1, 1)
 
 
-def timed(fn):
-    # Let the other library's worker threads go idle first: OpenMP workers
-    # spin-wait for a while after a parallel region and would otherwise steal
-    # the cores from whichever call runs next.
-    time.sleep(0.3)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def copy_bandwidth():
-    """Bytes moved per second (read + write) by a large memcpy-like copy."""
-    a = np.ones(256 * 1024 * 1024 // 4, np.float32)
-    b = np.empty_like(a)
-    best = min(timed(lambda: np.copyto(b, a)) for _ in range(5))  # noqa: B023
-    return 2 * a.nbytes / best
+def bound(x, bwd, lim):
+    """Seconds the machine needs at least: the larger of the memory bound
+    (the logits read, the gradient written) and the exp bound."""
+    moved = x.nbytes * (2 if bwd else 1)
+    bw = lim["copy_GBps"] if bwd else lim["read_GBps"]
+    return max(moved / (bw * 1e9), x.size / (lim["exp_Gps"] * 1e9))
 
 
 def peak_rss_growth(lib, name, quick):
@@ -141,51 +151,108 @@ print((status('VmHWM:') - base) / 1024)
     return float(r.stdout.strip()) if r.returncode == 0 else None
 
 
+def time_case(name, shape, dtype, bwd, reps, lim):
+    x, t = make(shape, dtype)
+    ours = best(lambda: run_fusedce(x, t, bwd), reps)
+    row = {"case": name, "fusedce_s": ours}
+    if bwd:
+        g = np.empty_like(x)
+        row["fusedce_grad_out_reused_s"] = best(
+            lambda: fusedce.cross_entropy(x, t, return_grad=True, grad_out=g), reps)
+    for peer, f in peers(x, t, bwd).items():
+        try:
+            row[f"{peer}_s"] = best(f, reps)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run this case is reported, not fatal
+            print(f"# {peer} failed on {name}: {type(e).__name__}: {str(e)[:160]}")
+    known = [v for k, v in row.items() if k.endswith("_s") and not k.startswith("fusedce")]
+    row["best_peer_over_fusedce"] = min(known) / ours if known else None
+    row["bound_s"] = bound(x, bwd, lim)
+    row["fusedce_over_bound"] = ours / row["bound_s"]
+    return row
+
+
+def print_rows(rows):
+    cols = ["fusedce", "fusedce_grad_out_reused", "torch eager", "torch.compile", "JAX jit"]
+    print("| case | " + " | ".join(f"{c} ms" for c in cols) + " | best peer / fusedce | bound ms | fusedce / bound |")
+    print("|---|" + "---|" * (len(cols) + 3))
+    for r in rows:
+        cells = ["" if r.get(f"{c}_s") is None else f"{r[f'{c}_s'] * 1e3:.1f}" for c in cols]
+        ratio = "" if r["best_peer_over_fusedce"] is None else f"{r['best_peer_over_fusedce']:.2f}"
+        print(f"| {r['case']} | " + " | ".join(cells) + f" | {ratio} | {r['bound_s'] * 1e3:.1f} | "
+              f"{r['fusedce_over_bound']:.2f} |")
+
+
+def sweep(reps, lim):
+    """The forward at C = 1024 .. 131072 (N x C = 2^28), ns per logit."""
+    rows = []
+    for c in [1024, 4096, 16384, 32000, 65536, 131072]:
+        n = (1 << 28) // c
+        r = time_case(f"fp32 ({n}, {c}) fwd", (n, c), "float32", False, reps, lim)
+        r["c"] = c
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
+def plot(rows, lim, path):
+    """ns per logit of the CE forward against C, every library, with the
+    read-bandwidth and exp-throughput bounds as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from _common import cpu_name
+
+    cs = [r["c"] for r in rows]
+    ns = 1e9 / (1 << 28)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lib in ("fusedce", "torch eager", "torch.compile", "JAX jit"):
+        ys = [None if r.get(f"{lib}_s") is None else r[f"{lib}_s"] * ns for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(cs, ys, marker="o", label=lib)
+    ax.axhline(4 / lim["read_GBps"], color="k", ls="--",
+               label=f"one read of the logits at {lim['read_GBps']:.0f} GB/s (2 threads)")
+    ax.axhline(1 / lim["exp_Gps"], color="gray", ls=":",
+               label=f"one exp per logit at {lim['exp_Gps']:.1f} G/s (numpy, 2 threads)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("classes C (N x C = 2^28 logits)")
+    ax.set_ylabel("ns per logit (lower is better)")
+    ax.set_title(f"cross_entropy forward, float32\n{cpu_name()}, {fusedce.get_num_threads()} threads")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small shapes, to check the script runs")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS growth in subprocesses")
     ap.add_argument("--numpy", action="store_true", help="also time the numpy implementation (slow)")
+    ap.add_argument("--sweep", action="store_true", help="the forward over C = 1024 .. 131072 instead of the cases")
+    ap.add_argument("--plot", help="with --sweep: a PNG of ns per logit against C")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    print(header())
+    lim = limits()
+    if args.sweep:
+        rows = sweep(args.reps, lim)
+        print_rows(rows)
+        if args.plot:
+            plot(rows, lim, args.plot)
+        return
     cases = CASES
     if args.quick:
         cases = [(n, tuple(max(2, s // 64) for s in shape), d, b) for n, shape, d, b in CASES]
-    bw = copy_bandwidth()
-    info = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-        "threads": fusedce.get_num_threads(),
-        "simd": fusedce.simd_level(),
-        "torch": torch.__version__ if torch else None,
-        "torch_threads": torch.get_num_threads() if torch else None,
-        "copy_bandwidth_GBps": bw / 1e9,
-    }
-    print(json.dumps(info))
     results = []
     for name, shape, dtype, bwd in cases:
-        x, t = make(shape, dtype)
-        xt, tt = torch_inputs(x, t) if torch else (None, None)
-        run_fusedce(x, t, bwd)  # warm up
-        if torch:
-            run_torch(xt, tt, bwd)
-        ours, theirs = [], []
-        for _ in range(args.reps):  # paired, interleaved
-            ours.append(timed(lambda: run_fusedce(x, t, bwd)))
-            if torch:
-                theirs.append(timed(lambda: run_torch(xt, tt, bwd)))
-        moved = x.nbytes * (2 if bwd else 1)
-        row = {
-            "case": name,
-            "fusedce_s": statistics.median(ours),
-            "torch_s": statistics.median(theirs) if theirs else None,
-            "bandwidth_bound_s": moved / bw,
-        }
-        row["speedup_vs_torch"] = row["torch_s"] / row["fusedce_s"] if theirs else None
-        row["fraction_of_bandwidth_bound"] = row["bandwidth_bound_s"] / row["fusedce_s"]
+        row = time_case(name, shape, dtype, bwd, args.reps, lim)
         if args.numpy and dtype == "float32":
-            row["numpy_s"] = timed(lambda: run_numpy(x, t, bwd))
-            row["speedup_vs_numpy"] = row["numpy_s"] / row["fusedce_s"]
+            x, t = make(shape, dtype)
+            row["numpy_s"] = best(lambda: run_numpy(x, t, bwd), 1)  # noqa: B023
         if args.memory:
             row["peak_rss_growth_MB"] = {
                 "fusedce": peak_rss_growth("fusedce", name, args.quick),
@@ -194,11 +261,11 @@ def main():
             }
         print(json.dumps(row), flush=True)
         results.append(row)
-        del x, t, xt, tt
+    print_rows(results)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"info": info, "results": results}, f, indent=1)
+            json.dump({"machine": header(), "limits": lim, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 fusedce's own losses on the same inputs, and beside PyTorch eager,
 torch.compile and JAX jit computing the same statistics, in one process,
 interleaved, best of ``--reps``; with the machine's own limit beside them
-(one read of the logits by numpy, ``x.max()``). Peak memory of each fusedce
+(one read of the logits by numpy, ``x.max()``, and ``_common.limits``: the
+2-thread read and copy bandwidth and exp throughput). Peak memory of each fusedce
 call is measured in a fresh subprocess as the growth of peak RSS.
 
     python benches/bench_stats.py [--reps 5] [--out benches/out/stats.json]
@@ -17,41 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 import fusedce
+from _common import best, best_interleaved, header, limits
 
 N, C = 8192, 32000
 LN, LD, LC = 1024, 1024, 32000
-
-
-def best(f, reps):
-    f()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
-
-
-def best_interleaved(fs, reps):
-    """Best time of each of ``fs`` (name -> callable), run round-robin so
-    that a slow phase of a shared machine hits all of them alike."""
-    for f in fs.values():
-        f()
-    ts = {name: [] for name in fs}
-    for _ in range(reps):
-        for name, f in fs.items():
-            t0 = time.perf_counter()
-            f()
-            ts[name].append(time.perf_counter() - t0)
-    return {name: min(v) for name, v in ts.items()}
 
 
 def torch_peers(x, t, k):
@@ -124,16 +100,6 @@ print((kib('VmHWM') - before) / 1024)
     return float(out.stdout.strip())
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def plot(rows, path):
     import matplotlib
 
@@ -162,6 +128,8 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="a PNG of the times relative to cross_entropy's forward")
     args = ap.parse_args()
+    print(header())
+    lim = limits()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, C), dtype=np.float32) * 3
     t = rng.integers(0, C, N)
@@ -204,8 +172,6 @@ def main() -> int:
     }
     ce = rows["fusedce cross_entropy fwd"]
     lce = rows["fusedce linear_cross_entropy fwd"]
-    print(f"machine: {cpu_name()}, simd {fusedce.simd_level()}, "
-          f"{fusedce.get_num_threads()} threads, {os.cpu_count()} CPUs")
     print(f"logits ({N}, {C}) float32 = {x.nbytes / 2**20:.0f} MiB; linear ({LN}, {LD}) x ({LC}, {LD})")
     for name, s in rows.items():
         base = lce if name.startswith("fusedce linear") and "fwd+grad" not in name else ce
@@ -219,8 +185,8 @@ def main() -> int:
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump({"seconds": rows, "peak_rss_growth_mib": mem, "simd": fusedce.simd_level(),
-                       "threads": fusedce.get_num_threads()}, fh, indent=1)
+            json.dump({"machine": header(), "limits": lim, "seconds": rows, "peak_rss_growth_mib": mem},
+                      fh, indent=1)
     return 0
 
 
