@@ -19,11 +19,115 @@ pub(crate) fn wants_split(rows: usize, c: usize) -> bool {
     crate::threads::parallel() && c > PIECE && rows < rayon::current_num_threads()
 }
 
-/// A row's maximum, its sums and `exp(x_y - m)`, joined from its pieces.
-struct Joined<F> {
-    m: F,
-    sums: Option<Sums<F>>,
+/// A row once its pieces are joined: its loss, the constants of its
+/// gradient pass and `exp(x_y - m)` for its target's own gradient.
+struct Concluded<F> {
+    loss: F,
+    gc: GradConsts<F>,
     e_y: F,
+}
+
+/// The rows of one call, and the pieces they are split into.
+struct Split<'a, 'p, T: Elem> {
+    plan: &'p Plan<'p, T::Acc>,
+    sample0: usize,
+    probs: Option<&'a [T]>,
+    c: usize,
+    /// `(row, piece)` for every piece of every row, row by row.
+    items: Vec<(usize, (usize, usize))>,
+    per_row: usize,
+}
+
+impl<'a, T: Elem> Split<'a, '_, T>
+where
+    T::Acc: Compute,
+{
+    fn row_x<'x>(&self, x: &'x [T], r: usize) -> &'x [T] {
+        &x[r * self.c..(r + 1) * self.c]
+    }
+
+    fn row_in(&self, r: usize) -> RowIn<'a, T, T::Acc> {
+        let (c, i) = (self.c, self.sample0 + r);
+        RowIn {
+            target: self.plan.target(i),
+            probs: self.probs.map(|t| &t[r * c..(r + 1) * c]),
+            scale: T::Acc::from_f64(self.plan.scale(i)),
+        }
+    }
+
+    /// Every row's maximum: its pieces' maxima (in parallel), joined in order.
+    fn maxima(&self, x: &[T]) -> Vec<T::Acc> {
+        let ms = map_items(
+            self.items.clone(),
+            || (),
+            |_, (r, p)| {
+                T::Acc::dispatch(PieceMax {
+                    x: self.row_x(x, r),
+                    p,
+                })
+            },
+        );
+        ms.chunks(self.per_row)
+            .map(|m| m[1..].iter().fold(m[0], |a, &v| a.max_nan(v)))
+            .collect()
+    }
+
+    /// Every row's loss and gradient constants: its pieces' sums (in
+    /// parallel) added in piece order.
+    fn conclude(&self, x: &[T], maxima: &[T::Acc]) -> Vec<Concluded<T::Acc>> {
+        let k = &self.plan.k;
+        let parts = map_items(
+            self.items.clone(),
+            || (),
+            |_, (r, p)| {
+                let r_in = self.row_in(r);
+                T::Acc::dispatch(PieceSums {
+                    k,
+                    x: self.row_x(x, r),
+                    probs: r_in.probs,
+                    p,
+                    m: maxima[r],
+                    target: r_in.target,
+                })
+            },
+        );
+        parts
+            .chunks(self.per_row)
+            .enumerate()
+            .map(|(r, ps)| {
+                let sums = ps[1..].iter().fold(ps[0].0, |a, (s, _)| a.add(*s));
+                let e_y = ps.iter().find_map(|(_, e)| *e).unwrap_or(T::Acc::ZERO);
+                let (loss, gc) =
+                    rows::conclude(k, &self.row_in(r), self.row_x(x, r), maxima[r], sums);
+                Concluded { loss, gc, e_y }
+            })
+            .collect()
+    }
+
+    /// Every piece's gradient, in parallel.
+    fn gradients(self, io: Logits<'_, T>, rows: &[Concluded<T::Acc>]) {
+        let pieces: Vec<Logits<'_, T>> = io
+            .pieces(self.c)
+            .into_iter()
+            .flat_map(|row| row.pieces(PIECE))
+            .collect();
+        let items: Vec<_> = self.items.iter().copied().zip(pieces).collect();
+        map_items(
+            items,
+            || (),
+            |_, ((r, p), io)| {
+                let row = &rows[r];
+                T::Acc::dispatch(PieceGrad {
+                    k: &self.plan.k,
+                    io,
+                    r: self.row_in(r),
+                    gc: row.gc,
+                    e_y: row.e_y,
+                    p,
+                })
+            },
+        );
+    }
 }
 
 /// Runs the rows of `io` (samples `sample0..` of `plan`) split by pieces;
@@ -39,89 +143,23 @@ pub(crate) fn run<T: Elem, O: Elem>(
 where
     T::Acc: Compute,
 {
-    let (k, c) = (&plan.k, plan.k.classes);
-    let x = io.input();
-    let rows = x.len() / c;
-    let row_in = |r: usize| RowIn {
-        target: plan.target(sample0 + r),
-        probs: probs.map(|t| &t[r * c..(r + 1) * c]),
-        scale: T::Acc::from_f64(plan.scale(sample0 + r)),
-    };
-    let row_x = |r: usize| &x[r * c..(r + 1) * c];
-    let items: Vec<(usize, (usize, usize))> = (0..rows)
+    let c = plan.k.classes;
+    let items: Vec<(usize, (usize, usize))> = (0..io.len() / c)
         .flat_map(|r| rows::pieces(c).map(move |p| (r, p)))
         .collect();
-    let per_row = rows::pieces(c).count();
-
-    let maxima = map_items(
-        items.clone(),
-        || (),
-        |_, (r, p)| T::Acc::dispatch(PieceMax { x: row_x(r), p }),
-    );
-    let row_max = |r: usize| {
-        let ms = &maxima[r * per_row..(r + 1) * per_row];
-        ms[1..].iter().fold(ms[0], |m, &v| m.max_nan(v))
+    let split = Split {
+        plan,
+        sample0,
+        probs,
+        c,
+        items,
+        per_row: rows::pieces(c).count(),
     };
-    let parts = map_items(
-        items.clone(),
-        || (),
-        |_, (r, p)| {
-            let (x, target) = (row_x(r), plan.target(sample0 + r));
-            T::Acc::dispatch(PieceSums {
-                k,
-                x,
-                probs: row_in(r).probs,
-                p,
-                m: row_max(r),
-                target,
-            })
-        },
-    );
-    let joined: Vec<Joined<T::Acc>> = (0..rows)
-        .map(|r| {
-            let ps = &parts[r * per_row..(r + 1) * per_row];
-            ps.iter().fold(
-                Joined {
-                    m: row_max(r),
-                    sums: None,
-                    e_y: T::Acc::ZERO,
-                },
-                |j, &(s, e_y)| Joined {
-                    sums: Some(j.sums.map_or(s, |a| a.add(s))),
-                    e_y: e_y.unwrap_or(j.e_y),
-                    ..j
-                },
-            )
-        })
-        .collect();
-    let concluded: Vec<(T::Acc, GradConsts<T::Acc>)> = (0..rows)
-        .map(|r| {
-            let j = &joined[r];
-            let sums = j.sums.expect("a row has at least one piece");
-            rows::conclude(k, &row_in(r), row_x(r), j.m, sums)
-        })
-        .collect();
-    let total = loss_total(&concluded, plan, sample0, rows_per_item, out);
+    let x = io.input();
+    let rows = split.conclude(x, &split.maxima(x));
+    let total = loss_total(&rows, plan, sample0, rows_per_item, out);
     if io.wants_grad() {
-        let pieces: Vec<Logits<'_, T>> = io
-            .pieces(c)
-            .into_iter()
-            .flat_map(|row| row.pieces(PIECE))
-            .collect();
-        map_items(
-            items.into_iter().zip(pieces).collect(),
-            || (),
-            |_, ((r, p), io)| {
-                T::Acc::dispatch(PieceGrad {
-                    k,
-                    io,
-                    r: row_in(r),
-                    gc: concluded[r].1,
-                    e_y: joined[r].e_y,
-                    p,
-                })
-            },
-        );
+        split.gradients(io, &rows);
     }
     total
 }
@@ -129,7 +167,7 @@ where
 /// Writes the losses and returns their sum: in `f64`, `rows_per_item` rows
 /// at a time, then the groups' sums, as the row items of `execute` add them.
 fn loss_total<F: Real, O: Elem>(
-    concluded: &[(F, GradConsts<F>)],
+    concluded: &[Concluded<F>],
     plan: &Plan<'_, F>,
     sample0: usize,
     rows_per_item: usize,
@@ -140,7 +178,7 @@ fn loss_total<F: Real, O: Elem>(
         if ignored {
             F::ZERO
         } else {
-            concluded[r].0
+            concluded[r].loss
         }
     };
     if let Some(ls) = out.losses {
