@@ -218,3 +218,40 @@ pub(crate) fn filled<V: Clone>(len: usize, fill: V, what: &str) -> Result<Vec<V>
     v.resize(len, fill);
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call may use its pool only when it asked for more than one thread
+    /// and is not small, on the thread that holds the home pool as on any
+    /// other (the home thread is a pool thread even between calls).
+    #[test]
+    fn only_parallel_calls_may_use_the_pool() {
+        let seen = |small: bool, n: usize| {
+            with_threads(n, || {
+                run(small, |_| Ok((parallel(), rayon::current_num_threads())))
+            })
+            .unwrap()
+            .unwrap()
+        };
+        for _ in 0..2 {
+            // the first parallel call here may make this thread a home pool's
+            assert_eq!(seen(false, 2), (true, 2));
+            assert!(!seen(false, 1).0);
+            assert!(!seen(true, 2).0);
+            assert_eq!(seen(false, 3), (true, 3));
+            assert!(!parallel());
+        }
+        let mut v = vec![0u32; 10];
+        with_threads(2, || {
+            run(false, |_| {
+                for_pieces(&mut v, 3, |i, p| p.fill(i as u32));
+                Ok(())
+            })
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(v, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]);
+    }
+}
