@@ -28,8 +28,15 @@ use rayon::prelude::*;
 const R: usize = 4;
 /// Classes per parallel piece of the logits.
 const LOGIT_PIECE: usize = 256;
-/// Elements of a packed weight panel (on the stack: 32 KiB of f32).
-const PANEL_MAX: usize = 8192;
+/// Bytes of the largest packed weight panel (on the stack). The larger the
+/// panel, the fewer blocks `D` is cut into, and each block stores and
+/// reloads the partial logits of every row: at (2048, 2048, 32000), 128 KiB
+/// panels (two blocks) ran the forward in 1.36–1.44 s, 64 KiB in 1.40–1.47 s,
+/// 32 KiB in 1.49–1.59 s and 16 KiB in 1.70–1.89 s.
+const PANEL_BYTES: usize = 128 << 10;
+/// Elements of the smaller panels, used when a whole panel of `D` fits one:
+/// a call with a short `D` does not zero a large panel per task.
+const SMALL_PANELS: [usize; 2] = [2048, 8192];
 /// The widest vector, in lanes (AVX-512 float32).
 const MAX_LANES: usize = 16;
 /// Input-gradient columns per parallel piece, and rows per piece.
@@ -108,9 +115,9 @@ impl<G: GemmReal> Task<G> for LogitTask<'_, G> {
     #[inline(always)]
     fn run<L: Lanes<F = G>>(self, l: L) {
         if L::N >= 8 {
-            self.panels::<L, 8>(l);
+            self.sized::<L, 8>(l);
         } else {
-            self.panels::<L, 4>(l);
+            self.sized::<L, 4>(l);
         }
     }
 }
@@ -128,14 +135,35 @@ struct Panel<'a, G> {
 }
 
 impl<G: GemmReal> LogitTask<'_, G> {
-    /// The task's classes, `2·N` at a time (a panel), over `D` in blocks of
-    /// `kc` (as many as fit [`PANEL_MAX`]): each block of each panel is
-    /// packed (transposed) once and used by every row tile.
+    /// [`Self::panels`] with the smallest of [`SMALL_PANELS`] that holds a
+    /// whole panel of `D`, else a panel of [`PANEL_BYTES`].
     #[inline(always)]
-    fn panels<L: Lanes<F = G>, const MR: usize>(&self, l: L) {
+    fn sized<L: Lanes<F = G>, const MR: usize>(&self, l: L) {
+        const F32_PANEL: usize = PANEL_BYTES / 4;
+        const F64_PANEL: usize = PANEL_BYTES / 8;
+        const TINY: usize = SMALL_PANELS[0];
+        const SMALL: usize = SMALL_PANELS[1];
+        let need = 2 * L::N * self.d;
+        if need <= TINY {
+            self.panels::<L, MR, TINY>(l);
+        } else if need <= SMALL {
+            self.panels::<L, MR, SMALL>(l);
+        } else if std::mem::size_of::<G>() == 4 {
+            self.panels::<L, MR, F32_PANEL>(l);
+        } else {
+            self.panels::<L, MR, F64_PANEL>(l);
+        }
+    }
+
+    /// The task's classes, `2·N` at a time (a panel), over `D` in blocks of
+    /// `kc` (as many as fit `P` elements): each block of each panel is
+    /// packed (transposed) once and used by every row tile. The blocks only
+    /// store and reload exact partial sums: `P` never changes a bit.
+    #[inline(always)]
+    fn panels<L: Lanes<F = G>, const MR: usize, const P: usize>(&self, l: L) {
         let np = 2 * L::N;
-        let kc = (PANEL_MAX / np).max(1);
-        let mut packed = [G::ZERO; PANEL_MAX];
+        let kc = (P / np).max(1);
+        let mut packed = [G::ZERO; P];
         let mut k0 = 0;
         loop {
             let k1 = (k0 + kc).min(self.d);
