@@ -11,6 +11,7 @@ once per build to compare builds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -94,7 +95,7 @@ def main() -> None:
         lambda: fusedce.linear_cross_entropy(h, w, t4, return_grad=True), a.reps)
     print("| call | fusedce µs | torch eager µs | torch.compile µs | JAX jit µs |")
     print("|---|---|---|---|---|")
-    with torch.no_grad() if torch is not None else _nothing():
+    with torch.no_grad() if torch is not None else contextlib.nullcontext():
         for name, (ours, peers, reps) in small.items():
             res[name] = {"fusedce": per_call(ours, reps)}
             for peer, f in peers.items():
@@ -126,14 +127,6 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -252,6 +252,30 @@ pub(crate) const EXP_P5: f32 = 0.5;
 mod tests {
     use super::*;
 
+    /// Runs `$check(lanes)` on the scalar float32 lanes and on every vector
+    /// level this CPU has.
+    macro_rules! on_every_level {
+        ($check:ident) => {{
+            $check(ScalarF32);
+            #[cfg(target_arch = "x86_64")]
+            {
+                struct T;
+                impl Task<f32> for T {
+                    type Output = ();
+                    fn run<L: Lanes<F = f32>>(self, l: L) {
+                        $check(l)
+                    }
+                }
+                if let Some(l) = Avx2::new() {
+                    avx2::run(T, l);
+                }
+                if let Some(l) = Avx512::new() {
+                    avx512::run(T, l);
+                }
+            }
+        }};
+    }
+
     fn ulp_err(got: f32, want: f64) -> f64 {
         let ulp = (want as f32).abs().max(f32::MIN_POSITIVE);
         let ulp = f32::from_bits(ulp.to_bits() + 1) - ulp;
@@ -297,38 +321,8 @@ mod tests {
     }
 
     #[test]
-    fn exp_scalar_against_f64() {
-        check_exp(ScalarF32);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn exp_avx2_against_f64() {
-        if let Some(l) = Avx2::new() {
-            struct T;
-            impl Task<f32> for T {
-                type Output = ();
-                fn run<L: Lanes<F = f32>>(self, l: L) {
-                    check_exp(l)
-                }
-            }
-            avx2::run(T, l);
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn exp_avx512_against_f64() {
-        if let Some(l) = Avx512::new() {
-            struct T;
-            impl Task<f32> for T {
-                type Output = ();
-                fn run<L: Lanes<F = f32>>(self, l: L) {
-                    check_exp(l)
-                }
-            }
-            avx512::run(T, l);
-        }
+    fn exp_against_f64_on_every_level() {
+        on_every_level!(check_exp);
     }
 
     /// Worst error of the vector `tanh` (ulp) and `sech2` (relative) over
@@ -367,22 +361,9 @@ mod tests {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
     fn tanh_and_sech2_against_f64() {
-        struct T;
-        impl Task<f32> for T {
-            type Output = ();
-            fn run<L: Lanes<F = f32>>(self, l: L) {
-                check_tanh(l)
-            }
-        }
-        if let Some(l) = Avx2::new() {
-            avx2::run(T, l);
-        }
-        if let Some(l) = Avx512::new() {
-            avx512::run(T, l);
-        }
+        on_every_level!(check_tanh);
     }
 
     #[test]
@@ -406,23 +387,7 @@ mod tests {
             l.store(l.load(&x), &mut out);
             assert_eq!(out[0], half::f16::from_f32(x[0]));
         }
-        rt(ScalarF32);
-        #[cfg(target_arch = "x86_64")]
-        {
-            struct T;
-            impl Task<f32> for T {
-                type Output = ();
-                fn run<L: Lanes<F = f32>>(self, l: L) {
-                    rt(l)
-                }
-            }
-            if let Some(l) = Avx2::new() {
-                avx2::run(T, l);
-            }
-            if let Some(l) = Avx512::new() {
-                avx512::run(T, l);
-            }
-        }
+        on_every_level!(rt);
     }
 
     #[test]
@@ -439,22 +404,6 @@ mod tests {
                 assert!(dst[k * dst_stride + n].is_nan(), "wrote past the block");
             }
         }
-        check(ScalarF32);
-        #[cfg(target_arch = "x86_64")]
-        {
-            struct T;
-            impl Task<f32> for T {
-                type Output = ();
-                fn run<L: Lanes<F = f32>>(self, l: L) {
-                    check(l)
-                }
-            }
-            if let Some(l) = Avx2::new() {
-                avx2::run(T, l);
-            }
-            if let Some(l) = Avx512::new() {
-                avx512::run(T, l);
-            }
-        }
+        on_every_level!(check);
     }
 }
