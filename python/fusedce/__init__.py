@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _native, gpu
+from . import _native, gpu, shard
 from ._arrays import to_dlpack
 from ._request import LinearCrossEntropyGrads, TokenStats
 from .functional import cross_entropy, linear_cross_entropy, linear_token_stats, token_stats
@@ -41,6 +41,7 @@ __all__ = [
     "simd_level",
     "to_dlpack",
     "gpu",
+    "shard",
 ]
 
 
