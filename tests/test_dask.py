@@ -203,6 +203,15 @@ def test_a_head_larger_than_a_worker_memory_limit_is_sharded_over_two():
     np.testing.assert_allclose(got, fusedce.linear_cross_entropy(x, whole, t), rtol=1e-6)
 
 
+def test_the_scoring_example_checks_itself():
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "dask_scoring.py"
+    mod = runpy.run_path(str(path), run_name="example")
+    assert mod["main"](["--sequences", "4", "--length", "64", "--vocab", "500", "--dim", "16"]) == 0
+
+
 def test_errors_name_the_argument():
     x = da.zeros((4, 6), chunks=2, dtype=np.float32)
     with pytest.raises(ValueError, match="target"):

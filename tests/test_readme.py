@@ -13,7 +13,7 @@ from optional import need
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 BLOCKS = re.findall(r"```python\n(.*?)```", open(README, encoding="utf-8").read(), flags=re.S)
-OPTIONAL = {"torch": "torch", "jax": "jax"}
+OPTIONAL = {"torch": "torch", "jax": "jax", "dask": "dask"}
 
 
 def test_the_readme_has_examples():

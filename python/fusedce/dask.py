@@ -13,7 +13,8 @@ Each function builds a task graph from :mod:`fusedce.shard`, one task per
 
 so that no task holds more than its row block, its class shard and one tile
 of logits (:data:`fusedce.shard.TILE_BYTES`), and the results do not depend
-on which worker finished first. Outputs are dask arrays: per-token results
+on which worker finished first. Each task computes on one thread (Dask runs
+tasks side by side, one per worker thread). Outputs are dask arrays: per-token results
 chunked like the rows, ``dX`` like the input, ``dW``/``db`` like the head,
 the gradient of logits like the logits. Compute them with any scheduler;
 ``dask.distributed`` retries the tasks of a lost worker.
@@ -37,6 +38,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("fusedce.dask needs Dask: pip install 'fusedce[dask]'") from exc
 
+import fusedce
+
 from . import shard
 from ._request import TokenStats as _NumpyStats, _stat_flags, reduction_arg
 from .shard import LossTerms, Partial, ShardOptions, fold_tree
@@ -47,9 +50,16 @@ Delayed = Any
 Chunks = Tuple[int, ...]
 
 
+def _on_one_thread(f: Callable, *args: Any, **kw: Any) -> Any:
+    with fusedce.threads(1):
+        return f(*args, **kw)
+
+
 def _delayed(f: Callable, **kw: Any) -> Callable:
-    """A task of ``f`` with the job's constant keyword arguments bound."""
-    return dask.delayed(bind(f, **kw) if kw else f, pure=True)
+    """A task of the shard pass ``f`` with the job's constant keyword
+    arguments bound, run on one thread: Dask runs tasks side by side, one
+    per worker thread (and sets numpy's BLAS to one thread in its workers)."""
+    return dask.delayed(bind(_on_one_thread, f, **kw), pure=True)
 
 
 class LinearGrads(NamedTuple):
