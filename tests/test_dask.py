@@ -118,6 +118,23 @@ def test_cross_entropy_and_token_stats_of_class_sharded_logits(client, chunks):
     np.testing.assert_array_equal(only.argmax.compute(), want_s.argmax)
 
 
+def test_bfloat16_results_keep_the_one_machine_dtypes(client):
+    """Half inputs compute in float32: the loss and gradients come back in
+    the input's dtype, within one bfloat16 rounding of the one-machine call."""
+    ml_dtypes = need("ml_dtypes")
+    rng = np.random.default_rng(4)
+    bf16 = ml_dtypes.bfloat16
+    x, w, t = grid(rng, 24, 8).astype(bf16), grid(rng, 30, 8).astype(bf16), rng.integers(0, 30, 24)
+    want, grads = fusedce.linear_cross_entropy(x, w, t, reduction="none", return_grad=True)
+    got, dgrads = fdask.linear_cross_entropy(da.from_array(x, chunks=(10, 8)), da.from_array(w, chunks=(7, 8)), t,
+                                             reduction="none", return_grad=True)
+    got, gx, gw = dask.compute(got, dgrads.input, dgrads.linear_weight)
+    for g, ref in ((got, want), (gx, grads.input), (gw, grads.linear_weight)):
+        assert g.dtype == ref.dtype == bf16
+        np.testing.assert_allclose(g.astype(np.float32), ref.astype(np.float32), rtol=2**-7,
+                                   atol=2**-7 * float(np.abs(ref.astype(np.float32)).max()))
+
+
 def test_the_graph_holds_no_n_by_c_array():
     """Run on the local scheduler with a callback that sees every task's
     result: none is larger than one (row block x class shard) tile of logits."""

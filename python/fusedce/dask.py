@@ -346,7 +346,7 @@ def cross_entropy(input: Any, target: Any, weight: Any = None, ignore_index: int
     x = _dask_array("input", input, 2)
     opts = _loss_options(x.shape[1], ignore_index, label_smoothing, softcap, z_loss)
     job = _logits_job(x, target, weight, opts)
-    merged, loss, totals = _loss_graph(job, reduction, _float_dtype(x.dtype))
+    merged, loss, totals = _loss_graph(job, reduction, x.dtype)
     if not return_grad:
         return loss
     scales = _loss_scales(job, reduction, totals, grad_output)
@@ -383,7 +383,7 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
     head = _dask_array("linear_weight", linear_weight, 2)
     opts = _loss_options(head.shape[0], ignore_index, label_smoothing, softcap, z_loss)
     job = _linear_job(input, head, linear_bias, target, weight, opts)
-    merged, loss, totals = _loss_graph(job, reduction, _float_dtype(job.dtype))
+    merged, loss, totals = _loss_graph(job, reduction, job.dtype)
     if not return_grad:
         return loss
     scales = _loss_scales(job, reduction, totals, grad_output)

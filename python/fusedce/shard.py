@@ -560,7 +560,10 @@ def loss_terms(p: Partial, *, options: ShardOptions) -> LossTerms:
     lse, eps, c = _lse(p), options.label_smoothing, options.classes
     if p.prob_mass is not None:
         mass = (1 - eps) * p.prob_mass + eps / c * p.weight_total
-        dot = (1 - eps) * p.prob_dot + (eps / c * p.smooth if eps > 0 else 0.0)  # type: ignore[operator]
+        # Σ w t' z with t' = (1-eps) t + eps/C, each term only when its
+        # coefficient is not 0 (a masked class's z = -inf times 0 is no term).
+        dot = (1 - eps) * p.prob_dot if eps < 1 else 0.0  # type: ignore[operator]
+        dot = dot + (eps / c * p.smooth if eps > 0 else 0.0)  # type: ignore[operator]
         loss = mass * lse - dot + options.z_loss * lse * lse
         return LossTerms(loss, float(p.m.shape[0]))
     with np.errstate(invalid="ignore"):
