@@ -280,3 +280,50 @@ def test_errors_name_the_argument():
                     ({"top_k": 11}, "top_k"), ({"z_loss": -1.0}, "z_loss")]:
         with pytest.raises(ValueError, match=arg):
             sh.ShardOptions(**{"classes": 10, **kw})
+
+
+DOCUMENTED = (TypeError, ValueError, IndexError)
+
+
+@st.composite
+def malformed_calls(draw):
+    """A shard call with valid or malformed parts (each part malformed one
+    time in four): dtypes, shapes, shard ranges, targets, class weights,
+    probabilities and options."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def part(valid, *bad):
+        return valid if draw(st.integers(0, 3)) else draw(st.sampled_from(bad))
+
+    n, width = draw(st.integers(0, 5)), draw(st.integers(1, 5))
+    shape = part((n, width), (), (n,), (n, 0), (n, width, 2))
+    x = rng.normal(size=shape).astype(part(np.float32, np.float16, np.int32, np.bool_, np.complex64))
+    classes = part(10, 0, -3, 2.5, "10", width - 1)
+    opts = dict(classes=classes, top_k=part(draw(st.integers(0, 3)), 11, -1),
+                label_smoothing=part(draw(st.sampled_from([0.0, 0.5])), 2.0), softcap=part(None, 0.0, "1"))
+    lo = part(draw(st.integers(0, 10 - width)), -1, 10, 1.5, "0")
+    target = part(rng.integers(0, 10, n), None, rng.integers(-2, 12, n), rng.random(n), rng.integers(0, 2, n + 1), "t")
+    weight = part(None, rng.random(width + 1), "w") if draw(st.booleans()) else rng.random(width)
+    probs = None if draw(st.integers(0, 3)) else part(rng.random((n, width)), rng.random((n + 1, width)))
+    target = None if probs is not None and draw(st.booleans()) else target
+    return x, lo, target, weight, probs, opts, draw(st.sampled_from(["partial", "linear", "grad"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(malformed_calls())
+def test_fuzz_shard_api_raises_documented_errors(call):
+    x, lo, target, weight, probs, opts, what = call
+    try:
+        o = sh.ShardOptions(**opts)
+        if what == "linear":
+            p = sh.linear_partial(x, x, lo, target, options=o, weight=weight, probs=probs)
+        else:
+            p = sh.partial(x, lo, target, options=o, weight=weight, probs=probs)
+        if what == "grad":
+            whole = sh.partial(np.zeros((p.m.shape[0], o.classes), np.float32), 0, options=o)
+            sh.loss_grad(x, lo, sh.merge_all([whole]), target, options=o, weight=weight, probs=probs)
+            sh.finish_stats(p, options=o)
+    except DOCUMENTED:
+        return
+    except BaseException as e:  # noqa: BLE001 - an undocumented error fails the test
+        pytest.fail(f"undocumented {type(e).__name__}: {e}")
