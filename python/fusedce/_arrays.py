@@ -107,7 +107,8 @@ def check_float_dtype(arg: str, a: np.ndarray) -> None:
 def readable(a: np.ndarray, dtype: Any = None) -> np.ndarray:
     """``a`` (of ``dtype``) as an aligned C-contiguous array: itself when it
     already is one, else one copy."""
-    if (dtype is None or a.dtype == dtype) and a.flags.c_contiguous and a.flags.aligned:
+    flags = a.flags
+    if (dtype is None or a.dtype == dtype) and flags.c_contiguous and flags.aligned:
         return a
     return np.array(a, dtype=dtype, order="C", copy=True)
 

@@ -30,7 +30,9 @@ from ._arrays import (
 )
 from .options import LinearCrossEntropyOptions, weight_copy_limit
 
-_INT64 = np.iinfo(np.int64)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# dtype objects: comparing an array's dtype with one is faster than with a scalar type
+INT64, FLOAT64 = np.dtype(np.int64), np.dtype(np.float64)
 Device = Literal["cpu", "gpu", "auto"]
 DEVICES = ("cpu", "gpu", "auto")
 
@@ -63,7 +65,7 @@ class Problem(NamedTuple):
 
     @property
     def probs(self) -> Optional[np.ndarray]:
-        return None if self.target.dtype == np.int64 else self.target
+        return None if self.target.dtype == INT64 else self.target
 
 
 class CrossEntropyRequest(NamedTuple):
@@ -115,12 +117,12 @@ def check_device(device: Any) -> Device:
 def int_arg(arg: str, v: Any) -> int:
     """An integer argument in int64's range (TypeError for other types)."""
     if type(v) is int:  # the common case, without the slow ABC check
-        if _INT64.min <= v <= _INT64.max:
+        if _INT64_MIN <= v <= _INT64_MAX:
             return v
     elif not isinstance(v, numbers.Integral):
         raise TypeError(f"{arg}: expected an integer, got {type(v).__name__} {v!r}")
     i = int(v)
-    if not _INT64.min <= i <= _INT64.max:
+    if not _INT64_MIN <= i <= _INT64_MAX:
         raise ValueError(f"{arg}: expected an integer in [-2**63, 2**63), got {i}")
     return i
 
@@ -150,15 +152,15 @@ def weight_arg(weight: Any, classes: int) -> Optional[np.ndarray]:
         raise ValueError(
             f"weight: expected shape ({classes},), one weight per class, got {shape_str(w.shape)}"
         )
-    return readable(w, np.float64)
+    return readable(w, FLOAT64)
 
 
 def _class_indices(t: np.ndarray) -> np.ndarray:
     """Integer class indices as int64 (a uint64 index beyond int64's range
     is out of bounds, as PyTorch says)."""
-    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64.max:
+    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64_MAX:
         raise IndexError(f"target: Target {int(t.max())} is out of bounds.")
-    return readable(t, np.int64)
+    return readable(t, INT64)
 
 
 def _target(target: Any, logits_shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -167,6 +169,8 @@ def _target(target: Any, logits_shape: tuple, dtype: np.dtype) -> np.ndarray:
     t = as_array("target", target)
     unbatched = len(logits_shape) == 1
     index_shape = () if unbatched else (logits_shape[0],) + tuple(logits_shape[2:])
+    if t.dtype == INT64 and t.shape == index_shape:  # the common case, with no more checks to make
+        return readable(t)
     if t.shape == tuple(logits_shape) and is_floating(t):
         return readable(t, dtype)
     if is_floating(t):
@@ -210,7 +214,7 @@ def _grad_output(grad_output: Any, reduction: str, loss_shape: tuple) -> Union[f
         raise ValueError(
             f"grad_output: expected the loss's shape {shape_str(loss_shape)}, got {shape_str(g.shape)}"
         )
-    return readable(g, np.float64)
+    return readable(g, FLOAT64)
 
 
 def optional_float_arg(arg: str, v: Any) -> Optional[float]:
@@ -229,15 +233,18 @@ def problem(batch: int, classes: int, spatial: int, logits_shape: tuple, dtype: 
     )
 
 
-def resolve_device(device: str, dtype: np.dtype, work: float, threshold: float,
+def resolve_device(device: str, dtype: np.dtype, work: float, work_kind: Literal["elements", "flops"],
                    cpu_only: Optional[str] = None) -> str:
-    """"cpu" or "gpu" for this call. float64 never runs on the GPU (WGSL has
-    no f64), nor does a call using a feature the shaders lack (``cpu_only``
-    names it): with ``device="gpu"`` both warn and run on the CPU."""
+    """"cpu" or "gpu" for this call. ``work``: the call's logits
+    (``"elements"``) or multiply-adds (``"flops"``), against the GPU
+    backend's threshold for ``device="auto"``. float64 never runs on the GPU
+    (WGSL has no f64), nor does a call using a feature the shaders lack
+    (``cpu_only`` names it): with ``device="gpu"`` both warn and run on the CPU."""
     if device == "cpu":
-        return "cpu"
+        return "cpu"  # before the GPU backend is imported: a CPU call never pays for it
     from . import gpu
 
+    threshold = gpu.AUTO_MIN_ELEMENTS if work_kind == "elements" else gpu.AUTO_MIN_FLOPS
     try:
         chosen = gpu.use_gpu(device, work, threshold)
     except gpu.GpuUnavailable as exc:
@@ -292,8 +299,6 @@ def _grad_buffer(grad_out: Any, original: Any, x: np.ndarray) -> np.ndarray:
 def cross_entropy_request(input: Any, target: Any, weight: Any, ignore_index: Any, reduction: Any,
                           label_smoothing: Any, return_grad: bool, grad_output: Any, grad_out: Any,
                           device: Any, softcap: Any = None, z_loss: Any = 0.0) -> CrossEntropyRequest:
-    from . import gpu
-
     device = check_device(device)
     if grad_out is not None and not return_grad:
         raise ValueError("grad_out: given without return_grad=True")
@@ -302,7 +307,7 @@ def cross_entropy_request(input: Any, target: Any, weight: Any, ignore_index: An
                    label_smoothing, grad_output, loss_shape, softcap, z_loss)
     grad = _grad_buffer(grad_out, input, x) if return_grad else None
     loss = np.empty(loss_shape, dtype=x.dtype) if prob.reduction == "none" else None
-    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS, _loss_cpu_only(prob))
+    dev = resolve_device(device, x.dtype, x.size, "elements", _loss_cpu_only(prob))
     return CrossEntropyRequest(prob, x, grad, loss, dev)
 
 
@@ -314,10 +319,12 @@ def _logits(input: Any) -> Tuple[np.ndarray, Tuple[int, int, int], Tuple[int, ..
     if x.ndim == 0:
         raise ValueError("input: expected shape (C,), (N, C) or (N, C, d1, ..., dK), got a 0-d array")
     x = readable(x)
-    if x.ndim == 1:
-        return x, (1, x.shape[0], 1), ()
-    batch = x.shape[0]
-    return x, (batch, x.shape[1], math.prod(x.shape[2:])), (batch,) + x.shape[2:]
+    shape = x.shape
+    if len(shape) == 1:
+        return x, (1, shape[0], 1), ()
+    if len(shape) == 2:
+        return x, (shape[0], shape[1], 1), (shape[0],)
+    return x, (shape[0], shape[1], math.prod(shape[2:])), (shape[0],) + shape[2:]
 
 
 # ---- linear_cross_entropy -------------------------------------------------------------------
@@ -420,8 +427,6 @@ def linear_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any
                    reduction: Any, ignore_index: Any, label_smoothing: Any, options: Any,
                    return_grad: bool, grad_output: Any, device: Any, softcap: Any = None,
                    z_loss: Any = 0.0) -> LinearCrossEntropyRequest:
-    from . import gpu
-
     device = check_device(device)
     lin = _linear_part(input, linear_weight, linear_bias, options, return_grad)
     w, dtype = lin.linear_weight, lin.input.dtype
@@ -434,7 +439,7 @@ def linear_request(input: Any, linear_weight: Any, target: Any, linear_bias: Any
     return LinearCrossEntropyRequest(
         prob, *lin[:8],
         np.empty(lin.sample_shape, dtype) if prob.reduction == "none" else None,
-        resolve_device(device, dtype, lin.flops, gpu.AUTO_MIN_FLOPS, _loss_cpu_only(prob)),
+        resolve_device(device, dtype, lin.flops, "flops", _loss_cpu_only(prob)),
     )
 
 
@@ -545,7 +550,7 @@ def _upstream(arg: str, g: Any, shape: tuple) -> Union[None, float, np.ndarray]:
         return float(a)
     if a.shape != shape:
         raise ValueError(f"{arg}: expected a scalar or the target's shape {shape_str(shape)}, got {shape_str(a.shape)}")
-    return readable(a, np.float64)
+    return readable(a, FLOAT64)
 
 
 def _stats_target(target: Any, shape: tuple) -> Optional[np.ndarray]:
@@ -599,8 +604,6 @@ def stats_outputs(p: StatsProblem, shape: tuple, dtype: np.dtype) -> TokenStats:
 def token_stats_request(input: Any, target: Any, temperature: Any, softcap: Any, ignore_index: Any,
                         top_k: Any, stats: Any, return_grad: bool, grad_logprob: Any, grad_entropy: Any,
                         grad_out: Any, device: Any) -> TokenStatsRequest:
-    from . import gpu
-
     device = check_device(device)
     if grad_out is not None and not return_grad:
         raise ValueError("grad_out: given without return_grad=True")
@@ -608,7 +611,7 @@ def token_stats_request(input: Any, target: Any, temperature: Any, softcap: Any,
     p = stats_problem(dims, shape, target, temperature, softcap, ignore_index, top_k, stats, return_grad,
                       grad_logprob, grad_entropy)
     grad = _grad_buffer(grad_out, input, x) if return_grad else None
-    dev = resolve_device(device, x.dtype, x.size, gpu.AUTO_MIN_ELEMENTS)
+    dev = resolve_device(device, x.dtype, x.size, "elements")
     return TokenStatsRequest(p, x, grad, stats_outputs(p, shape, x.dtype), dev)
 
 
@@ -616,8 +619,6 @@ def linear_stats_request(input: Any, linear_weight: Any, target: Any, linear_bia
                          temperature: Any, softcap: Any, ignore_index: Any, top_k: Any, stats: Any,
                          return_grad: bool, grad_logprob: Any, grad_entropy: Any,
                          device: Any) -> LinearTokenStatsRequest:
-    from . import gpu
-
     device = check_device(device)
     w = as_array("linear_weight", linear_weight)
     if w.ndim != 2:
@@ -626,5 +627,5 @@ def linear_stats_request(input: Any, linear_weight: Any, target: Any, linear_bia
     dtype, shape = lin.input.dtype, lin.sample_shape
     p = stats_problem((lin.batch, w.shape[0], 1), shape, target, temperature, softcap, ignore_index, top_k,
                       stats, return_grad, grad_logprob, grad_entropy)
-    dev = resolve_device(device, dtype, lin.flops, gpu.AUTO_MIN_FLOPS)
+    dev = resolve_device(device, dtype, lin.flops, "flops")
     return LinearTokenStatsRequest(p, *lin[:8], stats_outputs(p, shape, dtype), dev)

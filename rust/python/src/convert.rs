@@ -65,10 +65,23 @@ pub(crate) fn reduction(name: &str) -> PyResult<core::Reduction> {
 }
 
 /// The upstream gradient: a number, or one per sample (float64).
-#[derive(FromPyObject)]
 pub(crate) enum GradOutput<'py> {
     PerSample(Bound<'py, PyArrayDyn<f64>>),
     Scalar(f64),
+}
+
+/// An array is per sample, anything else a number. (Written out: a derived
+/// extraction tries the array first and formats an error for every number,
+/// about a microsecond per call.)
+impl<'a, 'py> FromPyObject<'a, 'py> for GradOutput<'py> {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.cast::<PyArrayDyn<f64>>() {
+            Ok(a) => Ok(GradOutput::PerSample(a.to_owned())),
+            Err(_) => Ok(GradOutput::Scalar(obj.extract::<f64>()?)),
+        }
+    }
 }
 
 /// A numpy element type and the core storage type its buffer holds
