@@ -275,6 +275,17 @@ def test_acc_dtype_float64_is_more_accurate_for_float32():
     assert abs(float(l64) - float(want[0])) <= abs(float(l32) - float(want[0])) + 1e-6 * abs(float(want[0]))
 
 
+def test_compute_dtype_is_float32_unless_asked_for():
+    """float64 accumulation only for float64 inputs or ``acc_dtype=float64``
+    (numpy reads ``dtype == None`` as float64: the default ``acc_dtype=None``
+    must not turn it on)."""
+    opts = fusedce.LinearCrossEntropyOptions()
+    f32, f64, bf16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)
+    assert opts.compute_dtype(f32) == f32 and opts.compute_dtype(bf16) == f32
+    assert opts.compute_dtype(f64) == f64
+    assert fusedce.LinearCrossEntropyOptions(acc_dtype=np.float64).compute_dtype(f32) == f64
+
+
 # ---- errors ----------------------------------------------------------------------------
 
 def test_bad_input_is_reported():
