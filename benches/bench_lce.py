@@ -42,6 +42,8 @@ CASES = {
     # name: (N, D, C, dtype, backward)
     "fp32-2k": (2048, 2048, 32000, "float32", True),
     "fp32": (4096, 2048, 32000, "float32", True),
+    "fp32-2k-fwd": (2048, 2048, 32000, "float32", False),
+    "fp32-fwd": (4096, 2048, 32000, "float32", False),
     "bf16": (4096, 2048, 32000, "bfloat16", True),
     "bf16-fwd-128k": (8192, 4096, 128256, "bfloat16", False),
     "fp32-fwd-128k-32k": (32768, 1024, 128256, "float32", False),
