@@ -32,6 +32,31 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 # ---- concurrency and memory ---------------------------------------------------------------
 
+def test_calls_from_a_thread_with_a_small_stack():
+    """The calling thread works in its own pool, so every kernel frame must
+    fit a small thread stack (Python allows 32 KiB). A 128 KiB weight panel
+    on the stack used to crash this at 192 KiB: in a subprocess, so that a
+    crash fails the test instead of ending pytest."""
+    r = _run_python("""
+        import threading, numpy as np, fusedce
+        threading.stack_size(64 * 1024)
+        out = []
+        def run():
+            rng = np.random.default_rng(0)
+            x, w = rng.normal(size=(64, 2048)).astype(np.float32), rng.normal(size=(3000, 2048)).astype(np.float32)
+            t = rng.integers(0, 3000, 64)
+            out.append(fusedce.linear_cross_entropy(x, w, t, return_grad=True)[0])
+            out.append(fusedce.linear_token_stats(x, w, t, top_k=5).lse)
+            out.append(fusedce.cross_entropy(rng.normal(size=(4, 200000)).astype(np.float32), t[:4], return_grad=True)[0])
+        th = threading.Thread(target=run)
+        th.start()
+        th.join()
+        assert len(out) == 3 and all(np.isfinite(v).all() for v in out), out
+        print("ok")
+        """)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
 def test_reading_an_array_another_thread_writes_in_place_never_panics():
     x = RNG.normal(size=(64, 2000)).astype(np.float32)
     t = RNG.integers(0, 2000, 64)

@@ -9,6 +9,7 @@ use super::weight::{convert, widen_into, zeros, Weight};
 use crate::ce::{Io, Logits};
 use crate::elem::{same_type_mut, Elem};
 use crate::error::CeError;
+use crate::threads::PerThread;
 
 /// What every chunk of one call shares.
 pub(crate) struct Ctx<'a, T, G> {
@@ -28,10 +29,13 @@ pub(crate) struct ChunkBufs<G> {
     x: Vec<G>,
     probs: Vec<G>,
     dx: Vec<G>,
+    /// Each thread's packed weight panel (`rowwise::panel_len`).
+    panels: PerThread<Vec<G>>,
 }
 
 impl<G: GemmReal + Default> ChunkBufs<G> {
     /// `converts`: whether rows, probabilities and `dX` need `G` copies.
+    #[allow(clippy::too_many_arguments)]
     pub fn reserve(
         rows: usize,
         d: usize,
@@ -39,6 +43,7 @@ impl<G: GemmReal + Default> ChunkBufs<G> {
         converts: bool,
         probs: bool,
         grad: bool,
+        threads: usize,
     ) -> Result<Self, CeError> {
         let conv = |len: usize, what: &str| {
             if converts {
@@ -63,6 +68,9 @@ impl<G: GemmReal + Default> ChunkBufs<G> {
             } else {
                 Vec::new()
             },
+            panels: PerThread::new(threads, || {
+                zeros(rowwise::panel_len::<G>(d), "a packed weight panel")
+            })?,
         })
     }
 }
@@ -133,10 +141,11 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
         x,
         probs,
         dx,
+        panels,
     } = bufs;
     let x = widen_into(&ctx.input[r0 * d..r1 * d], x);
     let l = &mut logits[..nr * cs];
-    forward_logits(ctx, weight, x, l, nr);
+    forward_logits(ctx, weight, x, l, nr, panels);
     let probs = ctx.probs.map(|t| widen_into(&t[r0 * cs..r1 * cs], probs));
     let io = if grads.is_some() {
         Io::InPlace(&mut *l)
@@ -158,6 +167,7 @@ fn forward_logits<T: Elem, G: GemmReal + Default>(
     x: &[G],
     l: &mut [G],
     nr: usize,
+    panels: &PerThread<Vec<G>>,
 ) {
     let (d, cs) = (ctx.d, ctx.cs);
     weight.blocks(|j0, j1, w| {
@@ -175,7 +185,7 @@ fn forward_logits<T: Elem, G: GemmReal + Default>(
             cols: d,
             ld: d,
         };
-        rowwise::logits(xs, ws, bias, (&mut l[at..], cs), ctx.threads);
+        rowwise::logits(xs, ws, bias, (&mut l[at..], cs), ctx.threads, panels);
     });
 }
 

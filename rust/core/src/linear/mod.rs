@@ -291,8 +291,15 @@ fn drive<T: Elem, G: GemmReal + Default>(
         .linear_bias
         .map(|b| widen::<T, G>(b, "linear_bias"))
         .transpose()?;
-    let mut bufs =
-        ChunkBufs::<G>::reserve(rows, d, cs, converts, probs.is_some(), grads.is_some())?;
+    let mut bufs = ChunkBufs::<G>::reserve(
+        rows,
+        d,
+        cs,
+        converts,
+        probs.is_some(),
+        grads.is_some(),
+        threads,
+    )?;
     let mut grads = match grads {
         Some(g) => Some(Grads::<T, G>::new(g.input, g.linear_weight, g.linear_bias)?),
         None => None,

@@ -9,7 +9,7 @@
 //! * Logit `(r, j)`: one fused multiply-add chain `acc = x[r,k]·w[j,k] +
 //!   acc` over `k = 0..D` in order, from zero, then the bias: the same
 //!   sequence on every SIMD level. Vectors run across classes (a panel of
-//!   `2·N` classes, its weight packed transposed on the stack, `D` in
+//!   `2·N` classes, its weight packed transposed into the thread's panel, `D` in
 //!   blocks whose partial sums wait in the output), so no horizontal sum is
 //!   needed: the product runs at the FMA rate.
 //! * Input gradient `(r, k)`: `Σ_j dL[r, j] W[j, k]` accumulated in class
@@ -22,13 +22,16 @@
 use super::gemm::GemmReal;
 use crate::kernels::columns::Shared;
 use crate::simd::{Lanes, Task};
+use crate::threads::PerThread;
 use rayon::prelude::*;
 
 /// Rows per tile of the input gradient.
 const R: usize = 4;
 /// Classes per parallel piece of the logits.
 const LOGIT_PIECE: usize = 256;
-/// Bytes of the largest packed weight panel (on the stack). The larger the
+/// Bytes of the largest packed weight panel (one per thread, on the heap:
+/// a kernel's stack frame must fit the smallest thread stack a caller may
+/// run it on, since the calling thread works in its own pool). The larger the
 /// panel, the fewer blocks `D` is cut into, and each block stores and
 /// reloads the partial logits of every row: at (2048, 2048, 32000), 128 KiB
 /// panels (two blocks) ran the forward in 1.36–1.44 s, 64 KiB in 1.40–1.47 s,
@@ -61,15 +64,29 @@ impl<G> Rows<'_, G> {
     }
 }
 
+/// Elements of the packed panel that [`logits`] needs for `D = d`, at most
+/// (the panel [`LogitTask::sized`] picks for the widest lanes).
+pub(crate) fn panel_len<G>(d: usize) -> usize {
+    let need = 2 * MAX_LANES * d;
+    if need <= SMALL_PANELS[0] {
+        SMALL_PANELS[0]
+    } else if need <= SMALL_PANELS[1] {
+        SMALL_PANELS[1]
+    } else {
+        PANEL_BYTES / std::mem::size_of::<G>()
+    }
+}
+
 /// `out[r * ld + j] = x_r · w_j (+ b_j)` for every row `r` of `x` and
 /// class `j` (row `j` of `w`; `x` and `w` have `D` columns, `b` one value
-/// per class).
+/// per class). `panels`: one buffer of [`panel_len`] elements per thread.
 pub(crate) fn logits<G: GemmReal>(
     x: Rows<'_, G>,
     w: Rows<'_, G>,
     bias: Option<&[G]>,
     (out, ld): (&mut [G], usize),
     threads: usize,
+    panels: &PerThread<Vec<G>>,
 ) {
     let (rows, d, classes) = (x.rows, x.cols, w.rows);
     let (x, w) = (x.data, w.data);
@@ -88,6 +105,7 @@ pub(crate) fn logits<G: GemmReal>(
             ld,
             j0,
             j1,
+            panels,
         })
     };
     let pieces: Vec<usize> = (0..classes).step_by(LOGIT_PIECE).collect();
@@ -108,6 +126,7 @@ struct LogitTask<'a, G> {
     ld: usize,
     j0: usize,
     j1: usize,
+    panels: &'a PerThread<Vec<G>>,
 }
 
 impl<G: GemmReal> Task<G> for LogitTask<'_, G> {
@@ -161,9 +180,15 @@ impl<G: GemmReal> LogitTask<'_, G> {
     /// store and reload exact partial sums: `P` never changes a bit.
     #[inline(always)]
     fn panels<L: Lanes<F = G>, const MR: usize, const P: usize>(&self, l: L) {
+        self.panels
+            .with(|buf| self.panels_in::<L, MR>(l, &mut buf[..P]));
+    }
+
+    /// [`Self::panels`] with `packed` (`P` elements) as the panel.
+    #[inline(always)]
+    fn panels_in<L: Lanes<F = G>, const MR: usize>(&self, l: L, packed: &mut [G]) {
         let np = 2 * L::N;
-        let kc = (P / np).max(1);
-        let mut packed = [G::ZERO; P];
+        let kc = (packed.len() / np).max(1);
         let mut k0 = 0;
         loop {
             let k1 = (k0 + kc).min(self.d);
@@ -171,9 +196,9 @@ impl<G: GemmReal> LogitTask<'_, G> {
             let mut j = self.j0;
             while j < self.j1 {
                 let nj = np.min(self.j1 - j);
-                self.pack(l, &mut packed, j, nj, (k0, k1));
+                self.pack(l, packed, j, nj, (k0, k1));
                 let panel = Panel {
-                    packed: &packed,
+                    packed,
                     j,
                     nj,
                     k0,
