@@ -34,12 +34,10 @@ pub(crate) struct ChunkBufs<G> {
 }
 
 impl<G: GemmReal + Default> ChunkBufs<G> {
+    /// For chunks of `rows` rows of `d` features and `cs` logits each;
     /// `converts`: whether rows, probabilities and `dX` need `G` copies.
-    #[allow(clippy::too_many_arguments)]
     pub fn reserve(
-        rows: usize,
-        d: usize,
-        cs: usize,
+        (rows, d, cs): (usize, usize, usize),
         converts: bool,
         probs: bool,
         grad: bool,

@@ -292,9 +292,7 @@ fn drive<T: Elem, G: GemmReal + Default>(
         .map(|b| widen::<T, G>(b, "linear_bias"))
         .transpose()?;
     let mut bufs = ChunkBufs::<G>::reserve(
-        rows,
-        d,
-        cs,
+        (rows, d, cs),
         converts,
         probs.is_some(),
         grads.is_some(),
