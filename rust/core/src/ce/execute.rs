@@ -17,6 +17,8 @@ use crate::kernels::{SampleTarget, SCRATCH_MAX};
 use crate::simd::{Compute, Lanes, Task};
 use crate::threads::{filled, PerThread};
 use rayon::prelude::*;
+use std::any::Any;
+use std::cell::RefCell;
 
 /// Logits per row work item, and spatial positions per column work item.
 const ITEM_ELEMS: usize = 1 << 16;
@@ -86,15 +88,78 @@ pub(crate) fn map_items<I: Send, S, R: Send>(
 
 /// A scratch buffer of `len` values when it is small enough and the
 /// allocation succeeds; else `None` (the kernels then compute again what
-/// they would have kept: same bits, bounded memory).
-fn scratch<F: Real>(want: bool, len: usize) -> Option<Vec<F>> {
+/// they would have kept: same bits, bounded memory). The kernels write
+/// every value before they read it, so a buffer the thread kept from an
+/// earlier call is reused as it is: a call on one long row does not
+/// allocate and zero its row of scratch every time.
+pub(crate) fn scratch<F: Real>(want: bool, len: usize) -> Option<Kept<F>> {
     if !want || len > SCRATCH_MAX {
         return None;
+    }
+    if let Some(v) = Kept::take(len) {
+        return Some(v);
     }
     let mut v = Vec::new();
     v.try_reserve_exact(len).ok()?;
     v.resize(len, F::ZERO);
-    Some(v)
+    Some(Kept(v, len))
+}
+
+thread_local! {
+    /// The scratch buffers a thread keeps between calls: at most one per
+    /// compute type, of at most `SCRATCH_MAX` values.
+    static KEPT: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A scratch buffer (its first `.1` values), given back to its thread's
+/// [`KEPT`] when dropped.
+pub(crate) struct Kept<F: 'static>(Vec<F>, usize);
+
+impl<F: 'static> Kept<F> {
+    /// The thread's kept buffer of `F`, if it holds at least `len` values.
+    fn take(len: usize) -> Option<Self> {
+        KEPT.try_with(|kept| {
+            let mut kept = kept.borrow_mut();
+            let i = kept
+                .iter()
+                .position(|b| b.downcast_ref::<Vec<F>>().is_some_and(|v| v.len() >= len))?;
+            let v = kept.swap_remove(i).downcast::<Vec<F>>().ok()?;
+            Some(Kept(*v, len))
+        })
+        .ok()
+        .flatten()
+    }
+}
+
+impl<F: 'static> Drop for Kept<F> {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        let _ = KEPT.try_with(|kept| {
+            let mut kept = kept.borrow_mut();
+            // One buffer per type: the larger of the two.
+            match kept
+                .iter()
+                .position(|b| b.downcast_ref::<Vec<F>>().is_some())
+            {
+                Some(i) if kept[i].downcast_ref::<Vec<F>>().map_or(0, Vec::len) >= v.len() => {}
+                Some(i) => kept[i] = Box::new(v),
+                None => kept.push(Box::new(v)),
+            }
+        });
+    }
+}
+
+impl<F> std::ops::Deref for Kept<F> {
+    type Target = [F];
+    fn deref(&self) -> &[F] {
+        &self.0[..self.1]
+    }
+}
+
+impl<F> std::ops::DerefMut for Kept<F> {
+    fn deref_mut(&mut self) -> &mut [F] {
+        &mut self.0[..self.1]
+    }
 }
 
 // ---- (N, C): rows ----------------------------------------------------------
@@ -438,5 +503,35 @@ impl<T: Elem, O: Elem> Task<T::Acc> for GatherTask<'_, '_, T, O, T::Acc> {
             total += loss.to_f64();
         }
         total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scratch;
+
+    /// A thread keeps its scratch between calls: a request for no more
+    /// values gets the same buffer back, a larger one a new buffer, which
+    /// then replaces the kept one; each type has its own.
+    #[test]
+    fn scratch_is_kept_by_its_thread() {
+        std::thread::spawn(|| {
+            let first = scratch::<f32>(true, 100).unwrap();
+            let at = first.as_ptr();
+            drop(first);
+            let again = scratch::<f32>(true, 60).unwrap();
+            assert_eq!((again.as_ptr(), again.len()), (at, 60));
+            drop(again);
+            assert!(scratch::<f32>(false, 10).is_none());
+            let other = scratch::<f64>(true, 100).unwrap();
+            assert_ne!(other.as_ptr() as usize, at as usize);
+            drop(other);
+            let larger = scratch::<f32>(true, 200).unwrap();
+            let at_larger = larger.as_ptr();
+            drop(larger);
+            assert_eq!(scratch::<f32>(true, 150).unwrap().as_ptr(), at_larger);
+        })
+        .join()
+        .unwrap();
     }
 }
