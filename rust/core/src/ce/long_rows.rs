@@ -1,10 +1,11 @@
 //! A few long rows split across the pool by their pieces (`rows::pieces`,
 //! fixed by `C`): every piece's maximum; every piece's sums with the row's
-//! maximum, joined in piece order; every piece's gradient. Each step is the
-//! row kernel's own arithmetic on the same pieces, so a row gives here the
+//! maximum, joined in piece order (the exponentials kept in a scratch row,
+//! as one thread keeps them); every piece's gradient. Each step is the row
+//! kernel's own arithmetic on the same pieces, so a row gives here the
 //! bits it gives on one thread, alone or in any batch.
 
-use super::execute::{map_items, Outputs};
+use super::execute::{map_items, scratch, Outputs};
 use super::io::{Io, Logits};
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
@@ -73,13 +74,28 @@ where
     }
 
     /// Every row's loss and gradient constants: its pieces' sums (in
-    /// parallel) added in piece order.
-    fn conclude(&self, x: &[T], maxima: &[T::Acc]) -> Vec<Concluded<T::Acc>> {
+    /// parallel) added in piece order; their exponentials into `scratch`
+    /// (`C` values per row) when there is one.
+    fn conclude(
+        &self,
+        x: &[T],
+        maxima: &[T::Acc],
+        scratch: Option<&mut [T::Acc]>,
+    ) -> Vec<Concluded<T::Acc>> {
         let k = &self.plan.k;
+        let slices: Vec<Option<&mut [T::Acc]>> = match scratch {
+            Some(sc) => sc
+                .chunks_mut(self.c)
+                .flat_map(|row| row.chunks_mut(PIECE))
+                .map(Some)
+                .collect(),
+            None => self.items.iter().map(|_| None).collect(),
+        };
+        let items: Vec<_> = self.items.iter().copied().zip(slices).collect();
         let parts = map_items(
-            self.items.clone(),
+            items,
             || (),
-            |_, (r, p)| {
+            |_, ((r, p), scratch)| {
                 let r_in = self.row_in(r);
                 T::Acc::dispatch(PieceSums {
                     k,
@@ -88,6 +104,7 @@ where
                     p,
                     m: maxima[r],
                     target: r_in.target,
+                    scratch,
                 })
             },
         );
@@ -104,18 +121,32 @@ where
             .collect()
     }
 
-    /// Every piece's gradient, in parallel.
-    fn gradients(self, io: Logits<'_, T>, rows: &[Concluded<T::Acc>]) {
+    /// Every piece's gradient, in parallel (from the exponentials in
+    /// `scratch` when there is one).
+    fn gradients(self, io: Logits<'_, T>, rows: &[Concluded<T::Acc>], scratch: Option<&[T::Acc]>) {
         let pieces: Vec<Logits<'_, T>> = io
             .pieces(self.c)
             .into_iter()
             .flat_map(|row| row.pieces(PIECE))
             .collect();
-        let items: Vec<_> = self.items.iter().copied().zip(pieces).collect();
+        let es: Vec<Option<&[T::Acc]>> = match scratch {
+            Some(sc) => sc
+                .chunks(self.c)
+                .flat_map(|row| row.chunks(PIECE))
+                .map(Some)
+                .collect(),
+            None => pieces.iter().map(|_| None).collect(),
+        };
+        let items: Vec<_> = self
+            .items
+            .iter()
+            .copied()
+            .zip(pieces.into_iter().zip(es))
+            .collect();
         map_items(
             items,
             || (),
-            |_, ((r, p), io)| {
+            |_, ((r, p), (io, e))| {
                 let row = &rows[r];
                 T::Acc::dispatch(PieceGrad {
                     k: &self.plan.k,
@@ -124,6 +155,7 @@ where
                     gc: row.gc,
                     e_y: row.e_y,
                     p,
+                    e,
                 })
             },
         );
@@ -156,10 +188,11 @@ where
         per_row: rows::pieces(c).count(),
     };
     let x = io.input();
-    let rows = split.conclude(x, &split.maxima(x));
+    let mut scratch = scratch::<T::Acc>(io.wants_grad(), io.len());
+    let rows = split.conclude(x, &split.maxima(x), scratch.as_deref_mut());
     let total = loss_total(&rows, plan, sample0, rows_per_item, out);
     if io.wants_grad() {
-        split.gradients(io, &rows);
+        split.gradients(io, &rows, scratch.as_deref());
     }
     total
 }
@@ -219,6 +252,8 @@ struct PieceSums<'a, T: Elem> {
     p: (usize, usize),
     m: T::Acc,
     target: SampleTarget<T::Acc>,
+    /// The piece's own scratch for its exponentials, or None.
+    scratch: Option<&'a mut [T::Acc]>,
 }
 
 impl<T: Elem> Task<T::Acc> for PieceSums<'_, T> {
@@ -233,8 +268,9 @@ impl<T: Elem> Task<T::Acc> for PieceSums<'_, T> {
             p,
             m,
             target,
+            scratch,
         } = self;
-        let sums = rows::piece_sums(l, k, x, probs, p, m, None);
+        let sums = rows::piece_sums(l, k, x, probs, p, m, scratch);
         let e_y = match target {
             SampleTarget::Class { y, .. } if (p.0..p.1).contains(&y) => {
                 Some(rows::target_exp(l, x, target, m))
@@ -252,6 +288,8 @@ struct PieceGrad<'a, T: Elem> {
     gc: GradConsts<T::Acc>,
     e_y: T::Acc,
     p: (usize, usize),
+    /// The piece's exponentials, or None to compute them again.
+    e: Option<&'a [T::Acc]>,
 }
 
 impl<T: Elem> Task<T::Acc> for PieceGrad<'_, T> {
@@ -265,16 +303,17 @@ impl<T: Elem> Task<T::Acc> for PieceGrad<'_, T> {
             gc,
             e_y,
             p,
+            e,
         } = self;
         match io {
             Io::Forward(_) => {}
             Io::Grad(x, g) => {
                 let acc = &mut Shifted(Separate(x, g), p.0);
-                rows::piece_gradient(l, k, acc, &r, None, gc, e_y, p);
+                rows::piece_gradient(l, k, acc, &r, e, gc, e_y, p);
             }
             Io::InPlace(x) => {
                 let acc = &mut Shifted(Same(x), p.0);
-                rows::piece_gradient(l, k, acc, &r, None, gc, e_y, p);
+                rows::piece_gradient(l, k, acc, &r, e, gc, e_y, p);
             }
         }
     }

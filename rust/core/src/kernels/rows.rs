@@ -106,7 +106,8 @@ fn target_weight<L: Lanes, T: Elem>(
 }
 
 /// The sums of the second pass over `x[lo..hi]` (`hi - lo` a multiple of
-/// `L::N`); stores `e = exp(x - m)` into `scratch` when there is one.
+/// `L::N`); stores `e = exp(x - m)` of class `i` into `scratch[i - base]`
+/// when there is a scratch.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn exp_pass<L: Lanes, T: Elem>(
@@ -117,7 +118,7 @@ fn exp_pass<L: Lanes, T: Elem>(
     lo: usize,
     hi: usize,
     m: L::F,
-    mut scratch: Option<&mut [L::F]>,
+    (mut scratch, base): (Option<&mut [L::F]>, usize),
 ) -> Sums<L::F> {
     let n = L::N;
     let zero = l.splat(L::F::ZERO);
@@ -136,7 +137,7 @@ fn exp_pass<L: Lanes, T: Elem>(
             let e = l.exp(d);
             bs = l.add(bs, e);
             if let Some(sc) = scratch.as_deref_mut() {
-                l.store(e, &mut sc[i..]);
+                l.store(e, &mut sc[i - base..]);
             }
             if k.smooth {
                 bsm = match w {
@@ -165,7 +166,8 @@ fn exp_pass<L: Lanes, T: Elem>(
     }
 }
 
-/// The sums of the piece `p` of the row `x` (see [`exp_pass`]).
+/// The sums of the piece `p` of the row `x` (see [`exp_pass`]); the
+/// exponentials go to `scratch`, the piece's own (`scratch[0]` is class `p.0`).
 #[inline(always)]
 pub(crate) fn piece_sums<L: Lanes, T: Elem>(
     l: L,
@@ -177,8 +179,17 @@ pub(crate) fn piece_sums<L: Lanes, T: Elem>(
     mut scratch: Option<&mut [L::F]>,
 ) -> Sums<L::F> {
     let body = piece_body::<L>(p);
-    let a = exp_pass(l, k, x, probs, p.0, body, m, scratch.as_deref_mut());
-    a.add(exp_pass(l.tail(), k, x, probs, body, p.1, m, scratch))
+    let a = exp_pass(l, k, x, probs, p.0, body, m, (scratch.as_deref_mut(), p.0));
+    a.add(exp_pass(
+        l.tail(),
+        k,
+        x,
+        probs,
+        body,
+        p.1,
+        m,
+        (scratch, p.0),
+    ))
 }
 
 /// `exp(x_y - m)` for a class target (as the passes compute it), else 0.
@@ -217,7 +228,8 @@ pub(crate) struct GradConsts<F> {
 }
 
 /// `g = scale * (e k1 - tw)` over `lo..hi` (a multiple of `L::N` long),
-/// with `e` from the scratch row or computed again from the logits.
+/// with `e` of class `i` from `e[i - base]` (a scratch) or computed again
+/// from the logits.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
@@ -225,7 +237,7 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     k: &Consts<L::F>,
     acc: &mut A,
     probs: Option<&[T]>,
-    e: Option<&[L::F]>,
+    (e, base): (Option<&[L::F]>, usize),
     lo: usize,
     hi: usize,
     gc: GradConsts<L::F>,
@@ -234,7 +246,7 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     let mut i = lo;
     while i + L::N <= hi {
         let ev = match e {
-            Some(e) => l.load(&e[i..]),
+            Some(e) => l.load(&e[i - base..]),
             None => l.exp(l.sub(l.load(acc.x(i)), mv)),
         };
         let p = l.mul(ev, k1v);
@@ -266,7 +278,8 @@ pub(crate) fn exp_at<L: Lanes, T: Elem>(l: L, x: &[T], body: usize, i: usize, m:
 }
 
 /// The gradient of the piece `p` of a row: both passes, then the target
-/// class's own gradient when it lies in the piece.
+/// class's own gradient when it lies in the piece. `e`: the piece's
+/// exponentials (`e[0]` is class `p.0`), or None to compute them again.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn piece_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
@@ -280,13 +293,19 @@ pub(crate) fn piece_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     p: (usize, usize),
 ) {
     let body = piece_body::<L>(p);
-    grad_pass(l, k, acc, r.probs, e, p.0, body, gc);
-    grad_pass(l.tail(), k, acc, r.probs, e, body, p.1, gc);
+    grad_pass(l, k, acc, r.probs, (e, p.0), p.0, body, gc);
+    grad_pass(l.tail(), k, acc, r.probs, (e, p.0), body, p.1, gc);
     if let SampleTarget::Class { y, w_y } = r.target {
         if (p.0..p.1).contains(&y) {
             acc.g(y)[0] = target_grad(k, e_y, gc.k1, w_y, gc.scale).to_elem();
         }
     }
+}
+
+/// The piece `p` of a row's scratch.
+#[inline(always)]
+fn piece_of<'s, F>(scratch: &'s mut Option<&mut [F]>, p: (usize, usize)) -> Option<&'s mut [F]> {
+    scratch.as_deref_mut().map(|s| &mut s[p.0..p.1])
 }
 
 /// Loss of one row; writes its gradient when `io` asks for one. `scratch`
@@ -310,9 +329,17 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         let m = row_max(l, x);
         let mut ps = pieces(c);
         let first = ps.next().unwrap_or((0, 0));
-        let mut sums = piece_sums(l, k, x, r.probs, first, m, scratch.as_deref_mut());
+        let mut sums = piece_sums(l, k, x, r.probs, first, m, piece_of(&mut scratch, first));
         for p in ps {
-            sums = sums.add(piece_sums(l, k, x, r.probs, p, m, scratch.as_deref_mut()));
+            sums = sums.add(piece_sums(
+                l,
+                k,
+                x,
+                r.probs,
+                p,
+                m,
+                piece_of(&mut scratch, p),
+            ));
         }
         let e_y = target_exp(l, x, r.target, m);
         let (loss, gc) = conclude(k, &r, x, m, sums);
