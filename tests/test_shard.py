@@ -268,6 +268,12 @@ def test_errors_name_the_argument():
         sh.merge(a, b)
     with pytest.raises(ValueError, match="partial: covers"):
         sh.loss_terms(a, options=opts)
+    with pytest.raises(ValueError, match="partial: covers"):
+        sh.stats_grad(x, 0, a, options=opts)
+    with pytest.raises(TypeError, match="merged"):
+        sh.rank_count(x, "not a partial")
+    with pytest.raises(ValueError, match="merged: a partial of 3 tokens, for 2 rows"):
+        sh.loss_grad(x[:2], 0, a, options=opts)
     with pytest.raises(ValueError, match="temperature"):
         sh.loss_terms(sh.partial(np.zeros((3, 10), np.float32), 0, options=sh.ShardOptions(10, temperature=2.0)),
                       options=sh.ShardOptions(10, temperature=2.0))

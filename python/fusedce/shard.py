@@ -618,12 +618,14 @@ def rank_count(logits: Any, merged: Partial) -> np.ndarray:
     the token's target logit (``merged.target_x``, from the merged partial);
     summed over the shards, the target's rank. 0 for tokens without a target."""
     x = _float_matrix("logits", logits)
+    _check_merged(merged, x.shape[0])
     return _sum_tiles(x.shape[0], x.shape[1], lambda r: _rank_tile(np.asarray(x[r]), merged.target_x[r]))
 
 
 def linear_rank_count(input: Any, linear_weight: Any, merged: Partial, *, linear_bias: Any = None) -> np.ndarray:
     """:func:`rank_count` of a head shard's logits, tile by tile."""
     x, hw, hb = _linear_inputs(input, linear_weight, linear_bias)
+    _check_merged(merged, x.shape[0])
     return _sum_tiles(x.shape[0], hw.shape[0], lambda r: _rank_tile(_linear_tile(x[r], hw, hb), merged.target_x[r]))
 
 
@@ -653,11 +655,7 @@ def loss_grad(logits: Any, lo: int, merged: Partial, target: Any = None, *, opti
     lo, _ = _shard_range(lo, width, options)
     t, w, pr = _inputs(target, weight, probs, n, width, options)
     g = _loss_scale(merged, scale, n, options)
-    dtype = _compute_dtype(x)
-    out = np.empty(x.shape, x.dtype)
-    for r in _tiles(n, width):
-        out[r] = _loss_tile_grad(np.asarray(x[r], dtype), lo, _rows_of(merged, r), _rows(t, r), _rows(pr, r), w, g[r], options)
-    return out
+    return _logits_backward(x, lambda r, z: _loss_tile_grad(z, lo, _rows_of(merged, r), _rows(t, r), _rows(pr, r), w, g[r], options))
 
 
 def stats_grad(logits: Any, lo: int, merged: Partial, target: Any = None, *, options: ShardOptions,
@@ -668,12 +666,8 @@ def stats_grad(logits: Any, lo: int, merged: Partial, target: Any = None, *, opt
     n, width = x.shape
     lo, _ = _shard_range(lo, width, options)
     t = _targets(target, n, options)
-    gl, ge = _stats_upstream(merged, grad_logprob, grad_entropy, n)
-    dtype = _compute_dtype(x)
-    out = np.empty(x.shape, x.dtype)
-    for r in _tiles(n, width):
-        out[r] = _stats_tile_grad(np.asarray(x[r], dtype), lo, _rows_of(merged, r), _rows(t, r), gl[r], ge[r], options)
-    return out
+    gl, ge = _stats_upstream(merged, grad_logprob, grad_entropy, n, options)
+    return _logits_backward(x, lambda r, z: _stats_tile_grad(z, lo, _rows_of(merged, r), _rows(t, r), gl[r], ge[r], options))
 
 
 def linear_loss_grad(input: Any, linear_weight: Any, lo: int, merged: Partial, target: Any = None, *,
@@ -697,8 +691,17 @@ def linear_stats_grad(input: Any, linear_weight: Any, lo: int, merged: Partial, 
     n, width = x.shape[0], hw.shape[0]
     lo, _ = _shard_range(lo, width, options)
     t = _targets(target, n, options)
-    gl, ge = _stats_upstream(merged, grad_logprob, grad_entropy, n)
+    gl, ge = _stats_upstream(merged, grad_logprob, grad_entropy, n, options)
     return _linear_backward(x, hw, hb, lambda r, z: _stats_tile_grad(z, lo, _rows_of(merged, r), _rows(t, r), gl[r], ge[r], options))
+
+
+def _logits_backward(x: np.ndarray, tile_grad: Callable[[slice, np.ndarray], np.ndarray]) -> np.ndarray:
+    """The gradient of a shard's logits ``x``, tile by tile, in ``x``'s dtype."""
+    dtype = _compute_dtype(x)
+    out = np.empty(x.shape, x.dtype)
+    for r in _tiles(*x.shape):
+        out[r] = tile_grad(r, np.asarray(x[r], dtype))
+    return out
 
 
 def _linear_backward(x: np.ndarray, hw: np.ndarray, hb: Optional[np.ndarray],
@@ -725,17 +728,23 @@ def _rows_of(p: Partial, r: slice) -> Partial:
                       target_w=p.target_w[r], prob_mass=_rows(p.prob_mass, r))
 
 
-def _loss_scale(merged: Partial, scale: Any, n: int, opts: ShardOptions) -> np.ndarray:
-    _covers_all(merged, opts)
-    _no_temperature(opts)
+def _check_merged(merged: Any, n: int) -> None:
+    if not isinstance(merged, Partial):
+        raise TypeError(f"merged: expected a fusedce.shard.Partial, got {type(merged).__name__}")
     if merged.m.shape != (n,):
         raise ValueError(f"merged: a partial of {merged.m.shape[0]} tokens, for {n} rows")
+
+
+def _loss_scale(merged: Partial, scale: Any, n: int, opts: ShardOptions) -> np.ndarray:
+    _check_merged(merged, n)
+    _covers_all(merged, opts)
+    _no_temperature(opts)
     return _upstream("scale", scale, n)
 
 
-def _stats_upstream(merged: Partial, gl: Any, ge: Any, n: int) -> Tuple[np.ndarray, np.ndarray]:
-    if merged.m.shape != (n,):
-        raise ValueError(f"merged: a partial of {merged.m.shape[0]} tokens, for {n} rows")
+def _stats_upstream(merged: Partial, gl: Any, ge: Any, n: int, opts: ShardOptions) -> Tuple[np.ndarray, np.ndarray]:
+    _check_merged(merged, n)
+    _covers_all(merged, opts)
     return np.where(merged.has_target, _upstream("grad_logprob", gl, n), 0.0), _upstream("grad_entropy", ge, n)
 
 
