@@ -55,6 +55,11 @@ def _on_one_thread(f: Callable, *args: Any, **kw: Any) -> Any:
         return f(*args, **kw)
 
 
+def _pure(f: Callable) -> Callable:
+    """A task of ``f`` (bookkeeping: fields, sums, casts, the reduction)."""
+    return dask.delayed(f, pure=True)
+
+
 def _delayed(f: Callable, **kw: Any) -> Callable:
     """A task of the shard pass ``f`` with the job's constant keyword
     arguments bound, run on one thread: Dask runs tasks side by side, one
@@ -251,7 +256,7 @@ def _field(name: str, cast: Optional[np.dtype] = None) -> Callable:
 
 
 def _tree_sum(parts: Sequence[Delayed]) -> Delayed:
-    return fold_tree(list(parts), dask.delayed(operator.add, pure=True))
+    return fold_tree(list(parts), _pure(operator.add))
 
 
 class _Totals(NamedTuple):
@@ -275,9 +280,9 @@ def _reduced(t: _Totals, reduction: str, dtype: np.dtype) -> np.ndarray:
 def _loss_output(terms: List[Delayed], rows: Chunks, reduction: str, dtype: np.dtype) -> Tuple[da.Array, Optional[Delayed]]:
     """The loss (a dask array) and, for mean/sum, the tree-reduced totals."""
     if reduction == "none":
-        return _column([dask.delayed(_field("per_token", dtype), pure=True)(t) for t in terms], rows, dtype), None
-    totals = fold_tree([dask.delayed(_totals, pure=True)(t) for t in terms], dask.delayed(_add_totals, pure=True))
-    return da.from_delayed(dask.delayed(_reduced, pure=True)(totals, reduction, dtype), (), dtype=dtype), totals
+        return _column([_pure(_field("per_token", dtype))(t) for t in terms], rows, dtype), None
+    totals = fold_tree([_pure(_totals)(t) for t in terms], _pure(_add_totals))
+    return da.from_delayed(_pure(_reduced)(totals, reduction, dtype), (), dtype=dtype), totals
 
 
 def _scale(totals: Optional[_Totals], reduction: str, upstream: Any) -> Any:
@@ -323,7 +328,7 @@ def _loss_graph(job: _Job, reduction: str, dtype: np.dtype) -> Tuple[List[Delaye
 
 def _loss_scales(job: _Job, reduction: str, totals: Optional[Delayed], grad_output: Any) -> List[Any]:
     ups = _upstreams("grad_output", grad_output, job.rows, reduction == "none")
-    return [dask.delayed(_scale, pure=True)(totals, reduction, u) for u in ups]
+    return [_pure(_scale)(totals, reduction, u) for u in ups]
 
 
 def cross_entropy(input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: str = "mean",
@@ -396,18 +401,18 @@ def _linear_grads(job: _LinearJob, grads: List[List[Delayed]], input: Any, head:
                   bias: Any) -> LinearGrads:
     """``dX`` summed over the shards, ``dW`` and ``db`` over the row blocks,
     each in the dtype of what it differentiates."""
-    x_dtype, d = _dask_array("input", input, 2).dtype, job.features
-    dx = [_tree_sum([dask.delayed(_field("dx"), pure=True)(g) for g in row]) for row in grads]
-    cols = list(zip(*grads))
-    dw = [_tree_sum([dask.delayed(_field("dw"), pure=True)(g) for g in col]) for col in cols]
-    dx_arr = _column([dask.delayed(_cast, pure=True)(v, x_dtype) for v in dx], job.rows, x_dtype, (d,))
-    dw_arr = _column([dask.delayed(_cast, pure=True)(v, head.dtype) for v in dw], job.classes, head.dtype, (d,))
-    db_arr = None
-    if bias is not None:
-        b_dtype = _dask_array("linear_bias", bias, 1).dtype
-        db = [_tree_sum([dask.delayed(_field("db"), pure=True)(g) for g in col]) for col in cols]
-        db_arr = _column([dask.delayed(_cast, pure=True)(v, b_dtype) for v in db], job.classes, b_dtype)
-    return LinearGrads(dx_arr, dw_arr, db_arr)
+    d, cols = job.features, list(zip(*grads))
+    db = None if bias is None else _summed(cols, "db", job.classes, _dask_array("linear_bias", bias, 1).dtype)
+    return LinearGrads(_summed(grads, "dx", job.rows, _dask_array("input", input, 2).dtype, (d,)),
+                       _summed(cols, "dw", job.classes, head.dtype, (d,)), db)
+
+
+def _summed(groups: Sequence[Sequence[Delayed]], name: str, lengths: Chunks, dtype: Any,
+            tail: Tuple[int, ...] = ()) -> da.Array:
+    """Field ``name`` of each group's gradient parts, summed in the fixed
+    tree, cast to ``dtype`` and stacked (one block of ``lengths`` per group)."""
+    totals = [_tree_sum([_pure(_field(name))(g) for g in group]) for group in groups]
+    return _column([_pure(_cast)(t, dtype) for t in totals], lengths, dtype, tail)
 
 
 def _cast(a: np.ndarray, dtype: Any) -> np.ndarray:
@@ -442,7 +447,7 @@ def _stats_graph(job: _Job, wanted: dict, dtype: np.dtype) -> Tuple[TokenStats, 
     k = job.opts.top_k
     tails = {"topk_ids": (k,), "topk_logprobs": (k,)}
     dtypes = {"argmax": np.int64, "rank": np.int64, "topk_ids": np.int64}
-    out = {f: _column([dask.delayed(_field(f), pure=True)(d) for d in done], job.rows, dtypes.get(f, dtype),
+    out = {f: _column([_pure(_field(f))(d) for d in done], job.rows, dtypes.get(f, dtype),
                       tails.get(f, ())) if wanted[f] else None for f in TokenStats._fields}
     return TokenStats(**out), merged
 
