@@ -771,17 +771,18 @@ def _loss_tile_grad(x: np.ndarray, lo: int, p: Partial, t: Optional[np.ndarray],
         grad -= (gs * eps / c).astype(x.dtype)[:, None] * wv
     if t is not None:
         _subtract_target(grad, lo, t, p, gs * (1 - eps) * p.target_w)
-    return _through_scores(grad, x, opts)
+    return _through_scores(grad, z, opts)
 
 
-def _through_scores(grad: np.ndarray, x: np.ndarray, opts: ShardOptions) -> np.ndarray:
-    """A gradient with respect to the scores, carried back to the logits:
-    times ``sech²(x / c)`` with a softcap, divided by ``T``."""
+def _through_scores(grad: np.ndarray, z: np.ndarray, opts: ShardOptions) -> np.ndarray:
+    """A gradient with respect to the scores ``z``, carried back to the
+    logits: times ``sech²(x / c) = 1 - (z T / c)²`` with a softcap (the
+    ``tanh`` read back from the scores, not computed again), divided by ``T``."""
     if opts.softcap is not None:
-        th = np.tanh(x / x.dtype.type(opts.softcap))
+        th = z * z.dtype.type(opts.temperature / opts.softcap)
         grad *= 1 - th * th
     if opts.temperature != 1.0:
-        grad /= x.dtype.type(opts.temperature)
+        grad /= z.dtype.type(opts.temperature)
     return grad
 
 
@@ -803,4 +804,4 @@ def _stats_tile_grad(x: np.ndarray, lo: int, p: Partial, t: Optional[np.ndarray]
     grad = _softmax(z, p) * inner
     if t is not None:
         _subtract_target(grad, lo, t, p, -gl)
-    return _through_scores(grad, x, opts)
+    return _through_scores(grad, z, opts)
