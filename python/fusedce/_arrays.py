@@ -10,8 +10,11 @@ import numpy as np
 
 from . import _native
 
+# dtype objects: comparing an array's dtype with one is faster than with a
+# scalar type (and never compare one with None: numpy reads None as float64)
+FLOAT32, FLOAT64, INT64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
+FLOAT_DTYPES = (FLOAT32, FLOAT64, np.dtype(np.float16), BFLOAT16)
 
 
 def as_array(arg: str, obj: Any) -> np.ndarray:

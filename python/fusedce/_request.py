@@ -19,6 +19,8 @@ from typing import Any, Literal, NamedTuple, Optional, Tuple, Union, cast
 import numpy as np
 
 from ._arrays import (
+    FLOAT64,
+    INT64,
     as_array,
     check_float_dtype,
     check_writable,
@@ -31,8 +33,6 @@ from ._arrays import (
 from .options import LinearCrossEntropyOptions, weight_copy_limit
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# dtype objects: comparing an array's dtype with one is faster than with a scalar type
-INT64, FLOAT64 = np.dtype(np.int64), np.dtype(np.float64)
 Device = Literal["cpu", "gpu", "auto"]
 DEVICES = ("cpu", "gpu", "auto")
 

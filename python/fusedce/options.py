@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from ._arrays import BFLOAT16
+from ._arrays import BFLOAT16, FLOAT32, FLOAT64
 
 _VALID_ACC_POLICIES = ("auto", "accurate", "compact")
 _ACC_DTYPES = {
@@ -137,12 +137,10 @@ class LinearCrossEntropyOptions:
     def compute_dtype(self, input_dtype: np.dtype) -> np.dtype:
         """The dtype chunks are computed in for an input of ``input_dtype``."""
         # (`acc_dtype` is None by default, and numpy reads `dtype == None` as float64)
-        if input_dtype == _FLOAT64 or (self.acc_dtype is not None and self.acc_dtype == _FLOAT64):
-            return _FLOAT64
-        return _FLOAT32
+        if input_dtype == FLOAT64 or (self.acc_dtype is not None and self.acc_dtype == FLOAT64):
+            return FLOAT64
+        return FLOAT32
 
-
-_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 
 # Rows below which the GEMMs lose efficiency: the weight is streamed (and
 # packed) once per chunk, so a chunk must hold enough rows to amortise it.
