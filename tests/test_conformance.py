@@ -49,24 +49,40 @@ def test_cross_entropy_case(case):
     np.testing.assert_array_equal(x.view(np.uint8), x_before.view(np.uint8))
 
 
-@pytest.mark.skipif(os.environ.get("FUSEDCE_SIMD") == "scalar", reason="already the scalar run")
-def test_corpus_on_scalar_kernels():
-    """The portable kernels (used on CPUs without AVX2) pass the corpus too."""
-    env = dict(os.environ, FUSEDCE_SIMD="scalar")
+# Narrower levels than this CPU's, each with the corpus cases it changes: the
+# portable kernels (used on CPUs without AVX2) all of them; plain AVX-512 on
+# a CPU with AVX512_BF16, the linear ones (its bfloat16 logits are float32
+# FMAs instead of dot products).
+NARROWER = {
+    "scalar": "test_cross_entropy_case or test_linear_cross_entropy_case or test_simd_level_is_capped",
+    "avx512": "test_linear_cross_entropy_case or test_simd_level_is_capped",
+}
+
+
+@pytest.mark.parametrize("cap", sorted(NARROWER))
+def test_corpus_on_narrower_kernels(cap):
+    if os.environ.get("FUSEDCE_SIMD"):
+        pytest.skip("already a capped run")
+    if cap == "avx512" and fusedce.simd_level() != "avx512+bf16":
+        pytest.skip("the avx512 kernels are this run's own")
+    env = dict(os.environ, FUSEDCE_SIMD=cap)
     here = os.path.dirname(__file__)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(here, "test_conformance.py"),
-         "-k", "test_cross_entropy_case or test_linear_cross_entropy_case or test_simd_level_is_capped"],
+         "-k", NARROWER[cap]],
         env=env, capture_output=True, text=True, cwd=here,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_simd_level_is_capped():
-    if os.environ.get("FUSEDCE_SIMD") == "scalar":
-        assert fusedce.simd_level() == "scalar"
-    else:
+    cap = os.environ.get("FUSEDCE_SIMD")
+    if cap in ("scalar", "avx512"):
         assert fusedce.simd_level() in ("scalar", "avx2+fma", "avx512")
+        if cap == "scalar":
+            assert fusedce.simd_level() == "scalar"
+    else:
+        assert fusedce.simd_level() in ("scalar", "avx2+fma", "avx512", "avx512+bf16")
 
 
 LCE = cases("linear_cross_entropy")

@@ -228,12 +228,14 @@ def test_linear_token_stats_match_the_reference_for_any_chunk(dtype):
         np.testing.assert_allclose(grads.linear_bias.astype(np.float64), dl.sum(0), rtol=gtol, atol=gtol)
 
 
-def test_linear_rows_do_not_depend_on_the_batch_or_chunk():
-    """The issue's measurement: a row alone, and in chunks of 1, 8 and 512."""
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_linear_rows_do_not_depend_on_the_batch_or_chunk(dtype):
+    """The issue's measurement: a row alone, and in chunks of 1, 8 and 512
+    (bfloat16: the dot-product kernel where the CPU has it)."""
     rng = np.random.default_rng(0)
-    n, d, c = 64, 256, 1000
-    x = rng.standard_normal((n, d), dtype=np.float32)
-    w = rng.standard_normal((c, d), dtype=np.float32) * 0.05
+    n, d, c = 64, 257, 1000
+    x = rng.standard_normal((n, d), dtype=np.float32).astype(dtype)
+    w = (rng.standard_normal((c, d), dtype=np.float32) * 0.05).astype(dtype)
     t = rng.integers(0, c, n)
 
     def run(rows, chunk):

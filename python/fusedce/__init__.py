@@ -85,6 +85,8 @@ def threads(n: int) -> Iterator[None]:
 
 
 def simd_level() -> str:
-    """The SIMD instruction set the kernels use: "avx512", "avx2+fma" or
-    "scalar" (``FUSEDCE_SIMD=scalar|avx2`` caps it, read once at start)."""
+    """The SIMD instruction set the kernels use: "avx512+bf16", "avx512",
+    "avx2+fma" or "scalar" (``FUSEDCE_SIMD=scalar|avx2|avx512`` caps it, read
+    once at start). At "avx512+bf16" the logits of bfloat16 linear calls
+    are bfloat16 dot products (bfloat16 subnormal inputs count as zero)."""
     return _native.simd_level()

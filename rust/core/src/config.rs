@@ -64,9 +64,10 @@ fn parse_simd(v: &str) -> Result<Level, CeError> {
         "scalar" => Ok(Level::Scalar),
         "avx2" => Ok(Level::Avx2),
         "avx512" => Ok(Level::Avx512),
+        "avx512bf16" => Ok(Level::Avx512Bf16),
         _ => Err(CeError::invalid(
             "FUSEDCE_SIMD",
-            format!("expected 'scalar', 'avx2' or 'avx512', got {v:?}"),
+            format!("expected 'scalar', 'avx2', 'avx512' or 'avx512bf16', got {v:?}"),
         )),
     }
 }

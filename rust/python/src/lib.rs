@@ -56,7 +56,8 @@ fn check_options(
     Ok(core::ce::check_loss_options(label_smoothing, softcap, z_loss).map_err(CoreError)?)
 }
 
-/// The SIMD instruction set the kernels run on ("avx512", "avx2+fma", "scalar").
+/// The SIMD instruction set the kernels run on ("avx512+bf16", "avx512",
+/// "avx2+fma", "scalar").
 #[pyfunction]
 fn simd_level() -> &'static str {
     core::simd::level().name()

@@ -3,13 +3,15 @@
 //! or the statistics — in place) and the backward (`dX_c`, `dW`, `db`) from
 //! those logits, which by then hold their gradient.
 
+use super::bf16_dot::{self, Dot, Operands};
 use super::gemm::{matmul, GemmReal, MatMut, MatRef};
 use super::rowwise::{self, Rows};
 use super::weight::{convert, widen_into, zeros, Weight};
 use crate::ce::{Io, Logits};
-use crate::elem::{same_type_mut, Elem};
+use crate::elem::{same_type, same_type_mut, Elem};
 use crate::error::CeError;
 use crate::threads::PerThread;
+use half::bf16;
 
 /// What every chunk of one call shares.
 pub(crate) struct Ctx<'a, T, G> {
@@ -21,6 +23,41 @@ pub(crate) struct Ctx<'a, T, G> {
     /// `C · S`: logits per row.
     pub cs: usize,
     pub threads: usize,
+    /// Where the logits come from bfloat16 dot products.
+    pub dot: Option<DotInputs<'a>>,
+}
+
+/// The bfloat16 rows and weight of a call whose logits are bfloat16 dot
+/// products (`bf16_dot.rs`).
+#[derive(Clone, Copy)]
+pub(crate) struct DotInputs<'a> {
+    dot: Dot,
+    input: &'a [bf16],
+    weight: &'a [bf16],
+}
+
+impl<'a> DotInputs<'a> {
+    /// `Some` for bfloat16 inputs computing in float32 (`G`) on a CPU with
+    /// the dot products (and `FUSEDCE_SIMD` not capping them).
+    pub fn new<T: Elem, G: Elem>(input: &'a [T], weight: &'a [T]) -> Option<Self> {
+        same_type::<G, f32>(&[])?;
+        Some(DotInputs {
+            dot: Dot::new()?,
+            input: same_type::<T, bf16>(input)?,
+            weight: same_type::<T, bf16>(weight)?,
+        })
+    }
+}
+
+/// What the chunk buffers are for.
+#[derive(Clone, Copy)]
+pub(crate) struct Needs {
+    /// Rows, probabilities and `dX` need `G` copies.
+    pub converts: bool,
+    pub probs: bool,
+    pub grad: bool,
+    /// The logits are bfloat16 dot products.
+    pub dot: bool,
 }
 
 /// Buffers reused by every chunk (reserved once, at their largest).
@@ -31,18 +68,25 @@ pub(crate) struct ChunkBufs<G> {
     dx: Vec<G>,
     /// Each thread's packed weight panel (`rowwise::panel_len`).
     panels: PerThread<Vec<G>>,
+    /// The rows as bfloat16 pairs, and each thread's panel of the weight's
+    /// pairs (`bf16_dot.rs`), when the logits are dot products.
+    pairs: Vec<u32>,
+    pair_panels: PerThread<Vec<u32>>,
 }
 
 impl<G: GemmReal + Default> ChunkBufs<G> {
-    /// For chunks of `rows` rows of `d` features and `cs` logits each;
-    /// `converts`: whether rows, probabilities and `dX` need `G` copies.
+    /// For chunks of `rows` rows of `d` features and `cs` logits each.
     pub fn reserve(
         (rows, d, cs): (usize, usize, usize),
-        converts: bool,
-        probs: bool,
-        grad: bool,
+        needs: Needs,
         threads: usize,
     ) -> Result<Self, CeError> {
+        let Needs {
+            converts,
+            probs,
+            grad,
+            dot,
+        } = needs;
         let conv = |len: usize, what: &str| {
             if converts {
                 zeros(len, what)
@@ -67,7 +111,24 @@ impl<G: GemmReal + Default> ChunkBufs<G> {
                 Vec::new()
             },
             panels: PerThread::new(threads, || {
-                zeros(rowwise::panel_len::<G>(d), "a packed weight panel")
+                zeros(
+                    if dot { 0 } else { rowwise::panel_len::<G>(d) },
+                    "a packed weight panel",
+                )
+            })?,
+            pairs: zeros(
+                if dot {
+                    bf16_dot::packed_rows_len(rows, d)
+                } else {
+                    0
+                },
+                "the chunk's rows as bfloat16 pairs",
+            )?,
+            pair_panels: PerThread::new(threads, || {
+                zeros(
+                    if dot { bf16_dot::panel_len(d) } else { 0 },
+                    "a packed weight panel",
+                )
             })?,
         })
     }
@@ -124,10 +185,11 @@ impl<'g, T: Elem, G: GemmReal + Default> Grads<'g, T, G> {
 
 /// Runs rows `r0..r1`: their logits, then `on_logits` (which turns them
 /// into their gradient in place when `grads` is given), then their
-/// gradients into `grads`. Returns what `on_logits` returned.
+/// gradients into `grads`. Returns what `on_logits` returned. `weight` is
+/// `None` only when the logits are dot products and there are no `grads`.
 pub(crate) fn run<T: Elem, G: GemmReal + Default>(
     ctx: &Ctx<'_, T, G>,
-    weight: &mut Weight<'_, T, G>,
+    mut weight: Option<&mut Weight<'_, T, G>>,
     bufs: &mut ChunkBufs<G>,
     (r0, r1): (usize, usize),
     on_logits: &mut impl FnMut((usize, usize), Logits<'_, G>, Option<&[G]>) -> f64,
@@ -140,10 +202,17 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
         probs,
         dx,
         panels,
+        pairs,
+        pair_panels,
     } = bufs;
-    let x = widen_into(&ctx.input[r0 * d..r1 * d], x);
     let l = &mut logits[..nr * cs];
-    forward_logits(ctx, weight, x, l, nr, panels);
+    let dot = ctx.dot.zip(same_type_mut::<G, f32>(l));
+    let x = (dot.is_none() || grads.is_some()).then(|| widen_into(&ctx.input[r0 * d..r1 * d], x));
+    if let Some((inputs, l)) = dot {
+        dot_logits(ctx, &inputs, (r0, r1), (pairs, pair_panels), l);
+    } else if let (Some(w), Some(x)) = (weight.as_deref_mut(), x) {
+        forward_logits(ctx, w, x, l, nr, panels);
+    }
     let probs = ctx.probs.map(|t| widen_into(&t[r0 * cs..r1 * cs], probs));
     let io = if grads.is_some() {
         Io::InPlace(&mut *l)
@@ -151,10 +220,33 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
         Io::Forward(&*l)
     };
     let part = on_logits((r0, r1), io, probs);
-    if let Some(g) = grads {
-        backward(ctx, weight, x, l, (r0, r1), g, dx);
+    if let (Some(g), Some(w), Some(x)) = (grads, weight, x) {
+        backward(ctx, w, x, l, (r0, r1), g, dx);
     }
     part
+}
+
+/// `l = x · Wᵀ (+ b)` for rows `r0..r1` by bfloat16 dot products, each row
+/// by itself (`bf16_dot.rs`).
+fn dot_logits<T: Elem, G: Elem>(
+    ctx: &Ctx<'_, T, G>,
+    inputs: &DotInputs<'_>,
+    (r0, r1): (usize, usize),
+    (pairs, panels): (&mut [u32], &PerThread<Vec<u32>>),
+    l: &mut [f32],
+) {
+    let (d, cs) = (ctx.d, ctx.cs);
+    let x = &mut pairs[..bf16_dot::packed_rows_len(r1 - r0, d)];
+    bf16_dot::pack_rows(&inputs.input[r0 * d..r1 * d], d, x);
+    let ops = Operands {
+        x,
+        rows: r1 - r0,
+        w: inputs.weight,
+        classes: cs,
+        d,
+        bias: ctx.bias.and_then(same_type::<G, f32>),
+    };
+    inputs.dot.logits(&ops, (l, cs), ctx.threads, panels);
 }
 
 /// `l = x · Wᵀ (+ b)` for the `nr` rows of `x`, each row by itself

@@ -14,7 +14,10 @@
 //! to `f32`: the weight once or block by block (`weight.rs`), each chunk of
 //! rows) and `f64` for `f64` inputs; callers may ask for `f64` for any input.
 //! The weight gradient of a half input accumulates in `f32` and is rounded
-//! once at the end.
+//! once at the end. On CPUs with AVX512_BF16, the logits of `bf16` inputs
+//! computing in `f32` are instead bfloat16 dot products of the inputs as
+//! they are (`bf16_dot.rs`); the weight is then converted only for the
+//! backward.
 //!
 //! K-dimensional problems (`W` of shape `(C, d1..dK, D)`) are the same GEMMs
 //! with `W` viewed as `(C·S, D)`: each row of `L` is then laid out
@@ -26,6 +29,7 @@
 //! gradient sums rows in order, so for a fixed chunk size the bits do not
 //! depend on the thread count.
 
+mod bf16_dot;
 mod chunk;
 mod gemm;
 mod rowwise;
@@ -40,7 +44,7 @@ use crate::elem::{Elem, ElemKind};
 use crate::error::CeError;
 use crate::stats::{self, StatsGrad, StatsOut, StatsPlan, TokenStats};
 use crate::threads;
-use chunk::{ChunkBufs, Ctx, Grads};
+use chunk::{ChunkBufs, Ctx, DotInputs, Grads, Needs};
 use gemm::GemmReal;
 use weight::{widen, Weight};
 
@@ -285,19 +289,30 @@ fn drive<T: Elem, G: GemmReal + Default>(
 ) -> Result<f64, CeError> {
     let (n, d, cs) = (l.batch, l.in_features, l.classes * l.spatial);
     let rows = l.chunk_rows.min(n.max(1));
-    let converts = T::KIND != G::KIND;
-    let mut weight = Weight::<T, G>::new(l.linear_weight, cs, d, l.max_weight_copy)?;
+    let dot = DotInputs::new::<T, G>(l.input, l.linear_weight);
+    // (the dot products read the weight as it is: a converted one serves
+    // only the backward)
+    let mut weight = if dot.is_none() || grads.is_some() {
+        Some(Weight::<T, G>::new(
+            l.linear_weight,
+            cs,
+            d,
+            l.max_weight_copy,
+        )?)
+    } else {
+        None
+    };
     let bias = l
         .linear_bias
         .map(|b| widen::<T, G>(b, "linear_bias"))
         .transpose()?;
-    let mut bufs = ChunkBufs::<G>::reserve(
-        (rows, d, cs),
-        converts,
-        probs.is_some(),
-        grads.is_some(),
-        threads,
-    )?;
+    let needs = Needs {
+        converts: T::KIND != G::KIND,
+        probs: probs.is_some(),
+        grad: grads.is_some(),
+        dot: dot.is_some(),
+    };
+    let mut bufs = ChunkBufs::<G>::reserve((rows, d, cs), needs, threads)?;
     let mut grads = match grads {
         Some(g) => Some(Grads::<T, G>::new(g.input, g.linear_weight, g.linear_bias)?),
         None => None,
@@ -309,6 +324,7 @@ fn drive<T: Elem, G: GemmReal + Default>(
         d,
         cs,
         threads,
+        dot,
     };
     let mut total = 0.0f64;
     for r0 in (0..n).step_by(rows) {
@@ -316,7 +332,7 @@ fn drive<T: Elem, G: GemmReal + Default>(
         let chunk = (r0, r1);
         total += chunk::run(
             &ctx,
-            &mut weight,
+            weight.as_mut(),
             &mut bufs,
             chunk,
             &mut on_logits,

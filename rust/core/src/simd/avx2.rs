@@ -206,8 +206,27 @@ pub(crate) fn transpose8(src: &[f32], stride: usize, dst: &mut [f32], dst_stride
     // SAFETY: AVX2 is present (see above); the 8 rows read and the 8 rows
     // written lie inside the slices (asserted).
     unsafe {
-        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * stride)));
+        transpose8_raw(
+            src.as_ptr().cast(),
+            4 * stride,
+            dst.as_mut_ptr().cast(),
+            4 * dst_stride,
+        )
+    }
+}
+
+/// [`transpose8`] of 32-bit elements at `s` and `d`, of any alignment, with
+/// the strides between rows in bytes.
+///
+/// # Safety
+/// AVX2 must be present; the 8 rows of 32 bytes from `s` (rows `stride`
+/// bytes apart) must be readable and those from `d` writable.
+#[inline(always)]
+pub(crate) unsafe fn transpose8_raw(s: *const u8, stride: usize, d: *mut u8, dst_stride: usize) {
+    // SAFETY: the caller's contract: AVX2, and the rows in bounds.
+    unsafe {
+        let r: [__m256; 8] =
+            std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * stride).cast::<f32>()));
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -235,7 +254,7 @@ pub(crate) fn transpose8(src: &[f32], stride: usize, dst: &mut [f32], dst_stride
             _mm256_permute2f128_ps::<0x31>(u3, u7),
         ];
         for (k, v) in o.into_iter().enumerate() {
-            _mm256_storeu_ps(d.add(k * dst_stride), v);
+            _mm256_storeu_ps(d.add(k * dst_stride).cast::<f32>(), v);
         }
     }
 }

@@ -21,6 +21,25 @@ impl Avx512 {
     }
 }
 
+/// Whether the CPU has AVX512_BF16 beside [`Avx512`]'s features.
+pub(crate) fn has_bf16_dot() -> bool {
+    Avx512::new().is_some() && is_x86_feature_detected!("avx512bf16")
+}
+
+/// Token for AVX512_BF16's dot products (`vdpbf16ps`) with everything
+/// [`Avx512`] proves; only [`Bf16Dot::new`] makes one, when the CPU has them
+/// and `FUSEDCE_SIMD` does not cap the level below [`Level::Avx512Bf16`].
+#[derive(Clone, Copy, Debug)]
+pub struct Bf16Dot {
+    _proof: (),
+}
+
+impl Bf16Dot {
+    pub fn new() -> Option<Self> {
+        (level() >= Level::Avx512Bf16 && has_bf16_dot()).then_some(Bf16Dot { _proof: () })
+    }
+}
+
 /// Runs `task` with every generic kernel it calls compiled for AVX-512.
 pub(crate) fn run<F: Real, K: Task<F>>(task: K, l: Avx512) -> K::Output
 where

@@ -17,9 +17,11 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::transpose8_raw;
+#[cfg(target_arch = "x86_64")]
 pub use avx2::Avx2;
 #[cfg(target_arch = "x86_64")]
-pub use avx512::Avx512;
+pub use avx512::{Avx512, Bf16Dot};
 
 /// A vector of `N` lanes of the compute type `F`, with the operations the
 /// cross-entropy kernels need.
@@ -122,6 +124,9 @@ pub enum Level {
     Scalar,
     Avx2,
     Avx512,
+    /// AVX-512 with AVX512_BF16: the float32 kernels are [`Level::Avx512`]'s;
+    /// the logits of bfloat16 linear calls use its dot products.
+    Avx512Bf16,
 }
 
 impl Level {
@@ -130,6 +135,7 @@ impl Level {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2+fma",
             Level::Avx512 => "avx512",
+            Level::Avx512Bf16 => "avx512+bf16",
         }
     }
 }
@@ -138,6 +144,9 @@ fn detect() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         if Avx512::new().is_some() {
+            if avx512::has_bf16_dot() {
+                return Level::Avx512Bf16;
+            }
             return Level::Avx512;
         }
         if Avx2::new().is_some() {
@@ -148,7 +157,7 @@ fn detect() -> Level {
 }
 
 /// The widest level this CPU supports, capped by the environment variable
-/// `FUSEDCE_SIMD` (`scalar`, `avx2`, `avx512`) when it is set: a way to test
+/// `FUSEDCE_SIMD` (`scalar`, `avx2`, `avx512`, `avx512bf16`) when it is set: a way to test
 /// the narrower kernels on a wide machine. (A malformed value is reported by
 /// [`crate::threads::num_threads`], which every entry point calls first.)
 pub fn level() -> Level {
@@ -157,7 +166,7 @@ pub fn level() -> Level {
         let cap = crate::config::get()
             .ok()
             .and_then(|c| c.simd_cap)
-            .unwrap_or(Level::Avx512);
+            .unwrap_or(Level::Avx512Bf16);
         detect().min(cap)
     })
 }
@@ -167,7 +176,7 @@ impl Compute for f32 {
     fn dispatch<K: Task<f32>>(task: K) -> K::Output {
         #[cfg(target_arch = "x86_64")]
         match level() {
-            Level::Avx512 => {
+            Level::Avx512 | Level::Avx512Bf16 => {
                 if let Some(l) = Avx512::new() {
                     return avx512::run(task, l);
                 }
