@@ -66,7 +66,8 @@ pub(crate) struct ChunkBufs<G> {
     x: Vec<G>,
     probs: Vec<G>,
     dx: Vec<G>,
-    /// Each thread's packed weight panel (`rowwise::panel_len`).
+    /// Each thread's packed weight panel (`rowwise::panel_len`), for the
+    /// logits and the input gradient.
     panels: PerThread<Vec<G>>,
     /// The rows as bfloat16 pairs, and each thread's panel of the weight's
     /// pairs (`bf16_dot.rs`), when the logits are dot products.
@@ -112,7 +113,11 @@ impl<G: GemmReal + Default> ChunkBufs<G> {
             },
             panels: PerThread::new(threads, || {
                 zeros(
-                    if dot { 0 } else { rowwise::panel_len::<G>(d) },
+                    if dot && !grad {
+                        0
+                    } else {
+                        rowwise::panel_len::<G>(d)
+                    },
                     "a packed weight panel",
                 )
             })?,
@@ -221,7 +226,7 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
     };
     let part = on_logits((r0, r1), io, probs);
     if let (Some(g), Some(w), Some(x)) = (grads, weight, x) {
-        backward(ctx, w, x, l, (r0, r1), g, dx);
+        backward(ctx, w, x, l, (r0, r1), g, (dx, panels));
     }
     part
 }
@@ -288,7 +293,7 @@ fn backward<T: Elem, G: GemmReal + Default>(
     dl: &[G],
     (r0, r1): (usize, usize),
     grads: &mut Grads<'_, T, G>,
-    dx_buf: &mut [G],
+    (dx_buf, panels): (&mut [G], &PerThread<Vec<G>>),
 ) {
     let (d, cs, nr) = (ctx.d, ctx.cs, r1 - r0);
     let dl_m = MatRef::rows(dl, nr, cs, cs);
@@ -312,7 +317,7 @@ fn backward<T: Elem, G: GemmReal + Default>(
             cols: d,
             ld: d,
         };
-        rowwise::input_grad(dls, ws, dx, j0 > 0, ctx.threads);
+        rowwise::input_grad(dls, ws, dx, j0 > 0, ctx.threads, panels);
         let dw = &mut grads.dw()[j0 * d..j1 * d];
         matmul(
             MatMut::rows(dw, j1 - j0, d, d),

@@ -26,7 +26,7 @@ use crate::threads::PerThread;
 use rayon::prelude::*;
 
 /// Rows per tile of the input gradient.
-const R: usize = 4;
+const R: usize = 6;
 /// Classes per parallel piece of the logits.
 const LOGIT_PIECE: usize = 256;
 /// Bytes of the largest packed weight panel (one per thread, on the heap:
@@ -44,9 +44,7 @@ const SMALL_PANELS: [usize; 2] = [2048, 8192];
 const MAX_LANES: usize = 16;
 /// Input-gradient columns per parallel piece, and rows per piece.
 const DX_COLS: usize = 128;
-const DX_ROWS: usize = 256;
-/// Weight bytes per cache block of the input-gradient product.
-const DX_BLOCK_BYTES: usize = 1 << 18;
+const DX_ROWS: usize = 252;
 
 /// A row-major `rows x cols` matrix whose rows are `ld` apart.
 #[derive(Clone, Copy)]
@@ -330,13 +328,17 @@ impl<G: GemmReal> LogitTask<'_, G> {
 /// `dx[r * D + k] = Σ_j dl[r, j] w[j, k]` for every row `r` of `dl` (`C`
 /// columns) and column `k` of `w` (`C x D`). `accumulate`: added to what
 /// `dx` holds, which continues the class order of an earlier call over the
-/// classes before these.
+/// classes before these. `panels`: each thread's buffer of [`panel_len`]
+/// elements, into which the task's columns of a block of classes are
+/// copied side by side (read from `w` itself, a class's columns are `D`
+/// apart: every class a new page).
 pub(crate) fn input_grad<G: GemmReal>(
     dl: Rows<'_, G>,
     w: Rows<'_, G>,
     dx: &mut [G],
     accumulate: bool,
     threads: usize,
+    panels: &PerThread<Vec<G>>,
 ) {
     let (rows, classes, d, ld) = (dl.rows, w.rows, w.cols, dl.ld);
     assert!(dl.in_bounds() && w.in_bounds() && dl.cols == classes && dx.len() >= rows * d);
@@ -353,6 +355,7 @@ pub(crate) fn input_grad<G: GemmReal>(
             accumulate,
             rows: (r0, (r0 + DX_ROWS).min(rows)),
             cols: (k0, (k0 + DX_COLS).min(d)),
+            panels,
         })
     };
     let pieces: Vec<(usize, usize)> = (0..rows)
@@ -376,25 +379,46 @@ struct DxTask<'a, G> {
     accumulate: bool,
     rows: (usize, usize),
     cols: (usize, usize),
+    panels: &'a PerThread<Vec<G>>,
 }
 
 impl<G: GemmReal> Task<G> for DxTask<'_, G> {
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<F = G>>(self, l: L) {
+        self.panels.with(|buf| self.blocks(l, buf));
+    }
+}
+
+impl<G: GemmReal> DxTask<'_, G> {
+    /// The task's rows and columns, over blocks of classes whose columns
+    /// fill `packed`: each block copied in once, used by every row tile.
+    #[inline(always)]
+    fn blocks<L: Lanes<F = G>>(&self, l: L, packed: &mut [G]) {
         let (k0, k1) = self.cols;
-        let block = (DX_BLOCK_BYTES / (std::mem::size_of::<G>() * (k1 - k0).max(1))).max(1);
+        let kw = k1 - k0;
+        let block = (packed.len() / kw.max(1)).max(1);
         let (r0, r1) = self.rows;
         let full_rows = r1 - (r1 - r0) % R;
         let mut c0 = 0;
         loop {
             let c1 = (c0 + block).min(self.classes);
-            let fresh = c0 == 0 && !self.accumulate;
+            for (c, dst) in packed.chunks_exact_mut(kw).take(c1 - c0).enumerate() {
+                let at = (c0 + c) * self.d;
+                dst.copy_from_slice(&self.w[at + k0..at + k1]);
+            }
+            let b = Block {
+                packed,
+                kw,
+                c0,
+                c1,
+                fresh: c0 == 0 && !self.accumulate,
+            };
             for r in (r0..full_rows).step_by(R) {
-                self.strip::<L, R>(l, r, (c0, c1), fresh);
+                self.strip::<L, R>(l, r, &b);
             }
             for r in full_rows..r1 {
-                self.strip::<L, 1>(l, r, (c0, c1), fresh);
+                self.strip::<L, 1>(l, r, &b);
             }
             c0 = c1;
             if c0 >= self.classes {
@@ -404,49 +428,54 @@ impl<G: GemmReal> Task<G> for DxTask<'_, G> {
     }
 }
 
+/// The task's columns of classes `c0..c1`, copied into `packed` (`kw`
+/// values per class); `fresh`: the first block of a product that does not
+/// accumulate.
+struct Block<'a, G> {
+    packed: &'a [G],
+    kw: usize,
+    c0: usize,
+    c1: usize,
+    fresh: bool,
+}
+
 impl<G: GemmReal> DxTask<'_, G> {
-    /// The task's columns of rows `r..r + NR`, over classes `c0..c1`: whole
-    /// vectors of `L` up to the end of the row's body; the row's tail
+    /// The task's columns of rows `r..r + NR`, over the block's classes:
+    /// whole vectors of `L` up to the end of the row's body; the row's tail
     /// (`d mod N`) always goes to the one-lane type.
     #[inline(always)]
-    fn strip<L: Lanes<F = G>, const NR: usize>(
-        &self,
-        l: L,
-        r: usize,
-        cls: (usize, usize),
-        fresh: bool,
-    ) {
+    fn strip<L: Lanes<F = G>, const NR: usize>(&self, l: L, r: usize, b: &Block<'_, G>) {
         let (k0, k1) = self.cols;
         let vec_end = k1.min(self.d - self.d % L::N);
         let mut k = k0;
         while k + 4 * L::N <= vec_end {
-            self.tile::<L, NR, 4>(l, r, k, cls, fresh);
+            self.tile::<L, NR, 4>(l, r, k, b);
             k += 4 * L::N;
         }
         while k < vec_end {
-            self.tile::<L, NR, 1>(l, r, k, cls, fresh);
+            self.tile::<L, NR, 1>(l, r, k, b);
             k += L::N;
         }
         while k < k1 {
-            self.tile::<L::Tail, NR, 1>(l.tail(), r, k, cls, fresh);
+            self.tile::<L::Tail, NR, 1>(l.tail(), r, k, b);
             k += 1;
         }
     }
 
-    /// `dx` of rows `r..r + NR`, columns `k..k + Q·N`, over classes `c0..c1`.
+    /// `dx` of rows `r..r + NR`, columns `k..k + Q·N`, over the block's
+    /// classes.
     #[inline(always)]
     fn tile<L: Lanes<F = G>, const NR: usize, const Q: usize>(
         &self,
         l: L,
         r: usize,
         k: usize,
-        (c0, c1): (usize, usize),
-        fresh: bool,
+        b: &Block<'_, G>,
     ) {
         let (n, d) = (L::N, self.d);
         let zero = l.splat(G::ZERO);
         let mut acc = [[zero; Q]; NR];
-        if !fresh {
+        if !b.fresh {
             for (i, a) in acc.iter_mut().enumerate() {
                 // SAFETY: each task owns its rows x columns of dx.
                 let src = unsafe { self.dst.get((r + i) * d + k, Q * n) };
@@ -455,9 +484,11 @@ impl<G: GemmReal> DxTask<'_, G> {
                 }
             }
         }
-        let dls: [&[G]; NR] = std::array::from_fn(|i| &self.dl[(r + i) * self.ld + c0..]);
-        for (c, wr) in self.w[c0 * d..c1 * d].chunks_exact(d).enumerate() {
-            let wv: [L::V; Q] = std::array::from_fn(|q| l.load(&wr[k + q * n..]));
+        let nc = b.c1 - b.c0;
+        let dls: [&[G]; NR] = std::array::from_fn(|i| &self.dl[(r + i) * self.ld + b.c0..][..nc]);
+        let at = k - self.cols.0;
+        for (c, wr) in b.packed.chunks_exact(b.kw).take(nc).enumerate() {
+            let wv: [L::V; Q] = std::array::from_fn(|q| l.load(&wr[at + q * n..]));
             for i in 0..NR {
                 let g = l.splat(dls[i][c]);
                 for q in 0..Q {
