@@ -25,8 +25,6 @@ use crate::simd::{Lanes, Task};
 use crate::threads::PerThread;
 use rayon::prelude::*;
 
-/// Rows per tile of the input gradient.
-const R: usize = 6;
 /// Classes per parallel piece of the logits.
 const LOGIT_PIECE: usize = 256;
 /// Bytes of the largest packed weight panel (one per thread, on the heap:
@@ -131,10 +129,10 @@ impl<G: GemmReal> Task<G> for LogitTask<'_, G> {
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<F = G>>(self, l: L) {
-        if L::N >= 8 {
+        if L::REGS >= 32 {
             self.sized::<L, 8>(l);
         } else {
-            self.sized::<L, 4>(l);
+            self.sized::<L, 6>(l);
         }
     }
 }
@@ -298,7 +296,10 @@ impl<G: GemmReal> LogitTask<'_, G> {
         for (kk, p) in packed.chunks_exact(2 * n).take(k1 - k0).enumerate() {
             let (w0, w1) = (l.load(p), l.load(&p[n..]));
             for i in 0..NR {
-                let xb = l.splat(xs[i][kk]);
+                // SAFETY: `kk < k1 - k0`, the length of every `xs[i]` (the
+                // loop takes at most that many steps); unchecked, the row
+                // pointers stay in registers instead of their lengths.
+                let xb = l.splat(unsafe { *xs[i].get_unchecked(kk) });
                 acc[i][0] = l.mul_add(xb, w0, acc[i][0]);
                 acc[i][1] = l.mul_add(xb, w1, acc[i][1]);
             }
@@ -386,7 +387,13 @@ impl<G: GemmReal> Task<G> for DxTask<'_, G> {
     type Output = ();
     #[inline(always)]
     fn run<L: Lanes<F = G>>(self, l: L) {
-        self.panels.with(|buf| self.blocks(l, buf));
+        // tiles of R rows x Q vectors: R·Q accumulators, Q weight vectors
+        // and a broadcast in the registers
+        if L::REGS >= 32 {
+            self.panels.with(|buf| self.blocks::<L, 6, 4>(l, buf));
+        } else {
+            self.panels.with(|buf| self.blocks::<L, 4, 3>(l, buf));
+        }
     }
 }
 
@@ -394,7 +401,7 @@ impl<G: GemmReal> DxTask<'_, G> {
     /// The task's rows and columns, over blocks of classes whose columns
     /// fill `packed`: each block copied in once, used by every row tile.
     #[inline(always)]
-    fn blocks<L: Lanes<F = G>>(&self, l: L, packed: &mut [G]) {
+    fn blocks<L: Lanes<F = G>, const R: usize, const Q: usize>(&self, l: L, packed: &mut [G]) {
         let (k0, k1) = self.cols;
         let kw = k1 - k0;
         let block = (packed.len() / kw.max(1)).max(1);
@@ -415,10 +422,10 @@ impl<G: GemmReal> DxTask<'_, G> {
                 fresh: c0 == 0 && !self.accumulate,
             };
             for r in (r0..full_rows).step_by(R) {
-                self.strip::<L, R>(l, r, &b);
+                self.strip::<L, R, Q>(l, r, &b);
             }
             for r in full_rows..r1 {
-                self.strip::<L, 1>(l, r, &b);
+                self.strip::<L, 1, Q>(l, r, &b);
             }
             c0 = c1;
             if c0 >= self.classes {
@@ -441,16 +448,22 @@ struct Block<'a, G> {
 
 impl<G: GemmReal> DxTask<'_, G> {
     /// The task's columns of rows `r..r + NR`, over the block's classes:
-    /// whole vectors of `L` up to the end of the row's body; the row's tail
+    /// `Q` vectors of `L` at a time, then single vectors up to the end of
+    /// the row's body; the row's tail
     /// (`d mod N`) always goes to the one-lane type.
     #[inline(always)]
-    fn strip<L: Lanes<F = G>, const NR: usize>(&self, l: L, r: usize, b: &Block<'_, G>) {
+    fn strip<L: Lanes<F = G>, const NR: usize, const Q: usize>(
+        &self,
+        l: L,
+        r: usize,
+        b: &Block<'_, G>,
+    ) {
         let (k0, k1) = self.cols;
         let vec_end = k1.min(self.d - self.d % L::N);
         let mut k = k0;
-        while k + 4 * L::N <= vec_end {
-            self.tile::<L, NR, 4>(l, r, k, b);
-            k += 4 * L::N;
+        while k + Q * L::N <= vec_end {
+            self.tile::<L, NR, Q>(l, r, k, b);
+            k += Q * L::N;
         }
         while k < vec_end {
             self.tile::<L, NR, 1>(l, r, k, b);

@@ -44,6 +44,7 @@ impl Lanes for Avx2 {
     type V = __m256;
     type Tail = ScalarF32;
     const N: usize = 8;
+    const REGS: usize = 16;
 
     #[inline(always)]
     fn tail(self) -> ScalarF32 {

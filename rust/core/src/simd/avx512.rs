@@ -65,6 +65,7 @@ impl Lanes for Avx512 {
     type V = __m512;
     type Tail = ScalarF32;
     const N: usize = 16;
+    const REGS: usize = 32;
 
     #[inline(always)]
     fn tail(self) -> ScalarF32 {

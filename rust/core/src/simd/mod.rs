@@ -31,6 +31,9 @@ pub trait Lanes: Copy + Send + Sync {
     /// A one-lane type with the same compute type, for the ends of rows.
     type Tail: Lanes<F = Self::F>;
     const N: usize;
+    /// Vector registers the instruction set has: kernels size their tiles
+    /// of accumulators by it (a tile that does not fit spills to the stack).
+    const REGS: usize;
 
     fn tail(self) -> Self::Tail;
     fn splat(self, x: Self::F) -> Self::V;

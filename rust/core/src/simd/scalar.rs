@@ -18,6 +18,7 @@ macro_rules! scalar_lanes {
             type V = $f;
             type Tail = $name;
             const N: usize = 1;
+            const REGS: usize = 16;
             #[inline(always)]
             fn tail(self) -> Self {
                 self
