@@ -100,7 +100,13 @@ impl<G: GemmReal + Default> ChunkBufs<G> {
                 rows.saturating_mul(cs),
                 "the logits chunk (rows x C x d1..dK)",
             )?,
-            x: conv(rows * d, "a converted chunk of input")?,
+            // (the dot products read the rows as pairs; only the backward
+            // needs them converted)
+            x: if dot && !grad {
+                Vec::new()
+            } else {
+                conv(rows * d, "a converted chunk of input")?
+            },
             probs: if probs {
                 conv(rows.saturating_mul(cs), "a converted chunk of target")?
             } else {
