@@ -40,7 +40,8 @@ const PANEL_BYTES: usize = 128 << 10;
 const SMALL_PANELS: [usize; 2] = [2048, 8192];
 /// The widest vector, in lanes (AVX-512 float32).
 const MAX_LANES: usize = 16;
-/// Input-gradient columns per parallel piece, and rows per piece.
+/// Input-gradient columns per parallel piece, and rows per piece (a
+/// multiple of both tiles' rows, 6 and 4).
 const DX_COLS: usize = 128;
 const DX_ROWS: usize = 252;
 
