@@ -40,7 +40,7 @@ impl<'a> DotInputs<'a> {
     /// `Some` for bfloat16 inputs computing in float32 (`G`) on a CPU with
     /// the dot products (and `FUSEDCE_SIMD` not capping them).
     pub fn new<T: Elem, G: Elem>(input: &'a [T], weight: &'a [T]) -> Option<Self> {
-        same_type::<G, f32>(&[])?;
+        same_type::<G, f32>(&[])?; // the compute type is f32
         Some(DotInputs {
             dot: Dot::new()?,
             input: same_type::<T, bf16>(input)?,
