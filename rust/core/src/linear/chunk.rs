@@ -49,6 +49,13 @@ impl<'a> DotInputs<'a> {
     }
 }
 
+/// Whether a call needs its rows and weight in the compute type `G`: for
+/// the float32-FMA logits, or for the backward (the bfloat16 dot products
+/// read them as they are).
+pub(crate) fn widened(dot: bool, grad: bool) -> bool {
+    !dot || grad
+}
+
 /// What the chunk buffers are for.
 #[derive(Clone, Copy)]
 pub(crate) struct Needs {
@@ -100,12 +107,10 @@ impl<G: GemmReal + Default> ChunkBufs<G> {
                 rows.saturating_mul(cs),
                 "the logits chunk (rows x C x d1..dK)",
             )?,
-            // (the dot products read the rows as pairs; only the backward
-            // needs them converted)
-            x: if dot && !grad {
-                Vec::new()
-            } else {
+            x: if widened(dot, grad) {
                 conv(rows * d, "a converted chunk of input")?
+            } else {
+                Vec::new()
             },
             probs: if probs {
                 conv(rows.saturating_mul(cs), "a converted chunk of target")?
@@ -119,10 +124,10 @@ impl<G: GemmReal + Default> ChunkBufs<G> {
             },
             panels: PerThread::new(threads, || {
                 zeros(
-                    if dot && !grad {
-                        0
-                    } else {
+                    if widened(dot, grad) {
                         rowwise::panel_len::<G>(d)
+                    } else {
+                        0
                     },
                     "a packed weight panel",
                 )
@@ -218,7 +223,8 @@ pub(crate) fn run<T: Elem, G: GemmReal + Default>(
     } = bufs;
     let l = &mut logits[..nr * cs];
     let dot = ctx.dot.zip(same_type_mut::<G, f32>(l));
-    let x = (dot.is_none() || grads.is_some()).then(|| widen_into(&ctx.input[r0 * d..r1 * d], x));
+    let x =
+        widened(dot.is_some(), grads.is_some()).then(|| widen_into(&ctx.input[r0 * d..r1 * d], x));
     if let Some((inputs, l)) = dot {
         dot_logits(ctx, &inputs, (r0, r1), (pairs, pair_panels), l);
     } else if let (Some(w), Some(x)) = (weight.as_deref_mut(), x) {

@@ -290,9 +290,7 @@ fn drive<T: Elem, G: GemmReal + Default>(
     let (n, d, cs) = (l.batch, l.in_features, l.classes * l.spatial);
     let rows = l.chunk_rows.min(n.max(1));
     let dot = DotInputs::new::<T, G>(l.input, l.linear_weight);
-    // (the dot products read the weight as it is: a converted one serves
-    // only the backward)
-    let mut weight = if dot.is_none() || grads.is_some() {
+    let mut weight = if chunk::widened(dot.is_some(), grads.is_some()) {
         Some(Weight::<T, G>::new(
             l.linear_weight,
             cs,
