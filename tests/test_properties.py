@@ -94,3 +94,52 @@ def test_matches_float64_reference(p):
     _close(grad, want_grad, p["rtol"], p["atol"], gmag * wmag)
     fwd = fusedce.cross_entropy(x, t, p["weight"], p["ignore_index"], p["reduction"], p["label_smoothing"], **opts)
     np.testing.assert_array_equal(np.atleast_1d(fwd).view(np.uint8), np.atleast_1d(loss).view(np.uint8))
+
+
+PIECE = 1 << 14  # classes per piece of a row (rust/core/src/kernels/rows.rs)
+
+
+@st.composite
+def long_rows(draw):
+    """Rows of more than one piece whose pieces sit at very different
+    heights, some of them wholly masked (-inf): each piece's sums are taken
+    from its own maximum and moved to the row's when the pieces are joined."""
+    n = draw(st.integers(1, 3))
+    c = draw(st.integers(PIECE + 1, 4 * PIECE + 100))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    pieces = -(-c // PIECE)
+    offsets = np.repeat(rng.uniform(-60.0, 60.0, size=(n, pieces)), PIECE, axis=1)[:, :c]
+    x = rng.normal(size=(n, c)) * draw(st.sampled_from([0.1, 3.0])) + offsets
+    masked = draw(st.booleans())
+    if masked:
+        for r in range(n):
+            p = rng.integers(0, pieces)
+            x[r, p * PIECE:(p + 1) * PIECE] = -np.inf
+            x[r, rng.random(c) < 0.01] = -np.inf
+    x = x.astype(np.float32)
+    probs = not masked and draw(st.booleans())  # a masked class with p = 0 gives NaN, as PyTorch
+    if probs:
+        t = rng.random(size=(n, c))
+        t = (t / t.sum(axis=1, keepdims=True)).astype(np.float32)
+    else:
+        t = np.array([rng.choice(np.flatnonzero(np.isfinite(row))) for row in x])
+    return dict(
+        x=x, t=t,
+        weight=rng.random(c) * 2 if draw(st.booleans()) else None,
+        label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+        z_loss=draw(st.sampled_from([0.0, 1e-3])),
+        threads=draw(st.sampled_from([1, 2])),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(long_rows())
+def test_long_rows_match_float64_reference(p):
+    x, t = p["x"], p["t"]
+    opts = dict(weight=p["weight"], label_smoothing=p["label_smoothing"], z_loss=p["z_loss"])
+    want_loss, want_grad = cross_entropy_ref(x.astype(np.float64), t, reduction="none", **opts)
+    with fusedce.threads(p["threads"]):
+        loss, grad = fusedce.cross_entropy(x, t, reduction="none", return_grad=True, **opts)
+    mag = float(np.max(np.abs(want_loss[np.isfinite(want_loss)]), initial=1.0))
+    _close(loss, want_loss, 2e-5, 2e-6, mag)
+    _close(grad, want_grad, 2e-5, 2e-6, 1.0 if p["weight"] is None else 2.0)

@@ -1,15 +1,16 @@
 //! A few long rows split across the pool by their pieces (`rows::pieces`,
-//! fixed by `C`): every piece's maximum; every piece's sums with the row's
-//! maximum, joined in piece order (the exponentials kept in a scratch row,
-//! as one thread keeps them); every piece's gradient. Each step is the row
-//! kernel's own arithmetic on the same pieces, so a row gives here the
-//! bits it gives on one thread, alone or in any batch.
+//! fixed by `C`): every piece's partial (its maximum and its sums from it;
+//! the exponentials kept in a scratch row, as one thread keeps them), in
+//! parallel; each row's partials joined in piece order; every piece's
+//! gradient, in parallel. Each step is the row kernel's own arithmetic on
+//! the same pieces, so a row gives here the bits it gives on one thread,
+//! alone or in any batch.
 
 use super::execute::{map_items, scratch, Outputs};
 use super::io::{Io, Logits};
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
-use crate::kernels::rows::{self, GradConsts, RowIn, PIECE};
+use crate::kernels::rows::{self, GradConsts, Partial, RowIn, PIECE};
 use crate::kernels::{Consts, Same, SampleTarget, Separate, Shifted, Sums};
 use crate::simd::{Compute, Lanes, Task};
 
@@ -21,7 +22,8 @@ pub(crate) fn wants_split(rows: usize, c: usize) -> bool {
 }
 
 /// A row once its pieces are joined: its loss, the constants of its
-/// gradient pass and `exp(x_y - m)` for its target's own gradient.
+/// gradient pass and `exp(x_y - shift)` (its piece's shift) for its
+/// target's own gradient.
 struct Concluded<F> {
     loss: F,
     gc: GradConsts<F>,
@@ -56,32 +58,10 @@ where
         }
     }
 
-    /// Every row's maximum: its pieces' maxima (in parallel), joined in order.
-    fn maxima(&self, x: &[T]) -> Vec<T::Acc> {
-        let ms = map_items(
-            self.items.clone(),
-            || (),
-            |_, (r, p)| {
-                T::Acc::dispatch(PieceMax {
-                    x: self.row_x(x, r),
-                    p,
-                })
-            },
-        );
-        ms.chunks(self.per_row)
-            .map(|m| m[1..].iter().fold(m[0], |a, &v| a.max_nan(v)))
-            .collect()
-    }
-
-    /// Every row's loss and gradient constants: its pieces' sums (in
-    /// parallel) added in piece order; their exponentials into `scratch`
-    /// (`C` values per row) when there is one.
-    fn conclude(
-        &self,
-        x: &[T],
-        maxima: &[T::Acc],
-        scratch: Option<&mut [T::Acc]>,
-    ) -> Vec<Concluded<T::Acc>> {
+    /// Every piece's partial, in parallel, piece by piece of row after
+    /// row; their exponentials into `scratch` (`C` values per row) when
+    /// there is one.
+    fn partials(&self, x: &[T], scratch: Option<&mut [T::Acc]>) -> Vec<Partial<T::Acc>> {
         let k = &self.plan.k;
         let slices: Vec<Option<&mut [T::Acc]>> = match scratch {
             Some(sc) => sc
@@ -92,30 +72,37 @@ where
             None => self.items.iter().map(|_| None).collect(),
         };
         let items: Vec<_> = self.items.iter().copied().zip(slices).collect();
-        let parts = map_items(
+        map_items(
             items,
             || (),
             |_, ((r, p), scratch)| {
-                let r_in = self.row_in(r);
-                T::Acc::dispatch(PieceSums {
+                T::Acc::dispatch(PiecePartial {
                     k,
                     x: self.row_x(x, r),
-                    probs: r_in.probs,
+                    probs: self.row_in(r).probs,
                     p,
-                    m: maxima[r],
-                    target: r_in.target,
                     scratch,
                 })
             },
-        );
+        )
+    }
+
+    /// Every row's loss and gradient constants, from its pieces' partials
+    /// joined in piece order.
+    fn conclude(&self, x: &[T], parts: &[Partial<T::Acc>]) -> Vec<Concluded<T::Acc>> {
+        let k = &self.plan.k;
         parts
             .chunks(self.per_row)
             .enumerate()
-            .map(|(r, ps)| {
-                let sums = ps[1..].iter().fold(ps[0].0, |a, (s, _)| a.add(*s));
-                let e_y = ps.iter().find_map(|(_, e)| *e).unwrap_or(T::Acc::ZERO);
-                let (loss, gc) =
-                    rows::conclude(k, &self.row_in(r), self.row_x(x, r), maxima[r], sums);
+            .map(|(r, parts)| {
+                let (x, r_in) = (self.row_x(x, r), self.row_in(r));
+                let (m, sums, e_y) = T::Acc::dispatch(RowJoin {
+                    k,
+                    x,
+                    target: r_in.target,
+                    parts,
+                });
+                let (loss, gc) = rows::conclude(k, &r_in, x, m, sums);
                 Concluded { loss, gc, e_y }
             })
             .collect()
@@ -123,7 +110,13 @@ where
 
     /// Every piece's gradient, in parallel (from the exponentials in
     /// `scratch` when there is one).
-    fn gradients(self, io: Logits<'_, T>, rows: &[Concluded<T::Acc>], scratch: Option<&[T::Acc]>) {
+    fn gradients(
+        self,
+        io: Logits<'_, T>,
+        rows: &[Concluded<T::Acc>],
+        parts: &[Partial<T::Acc>],
+        scratch: Option<&[T::Acc]>,
+    ) {
         let pieces: Vec<Logits<'_, T>> = io
             .pieces(self.c)
             .into_iter()
@@ -141,18 +134,20 @@ where
             .items
             .iter()
             .copied()
+            .zip(parts)
             .zip(pieces.into_iter().zip(es))
             .collect();
         map_items(
             items,
             || (),
-            |_, ((r, p), (io, e))| {
+            |_, (((r, p), part), (io, e))| {
                 let row = &rows[r];
                 T::Acc::dispatch(PieceGrad {
                     k: &self.plan.k,
                     io,
                     r: self.row_in(r),
                     gc: row.gc,
+                    part,
                     e_y: row.e_y,
                     p,
                     e,
@@ -189,10 +184,11 @@ where
     };
     let x = io.input();
     let mut scratch = scratch::<T::Acc>(io.wants_grad(), io.len());
-    let rows = split.conclude(x, &split.maxima(x), scratch.as_deref_mut());
+    let parts = split.partials(x, scratch.as_deref_mut());
+    let rows = split.conclude(x, &parts);
     let total = loss_total(&rows, plan, sample0, rows_per_item, out);
     if io.wants_grad() {
-        split.gradients(io, &rows, scratch.as_deref());
+        split.gradients(io, &rows, &parts, scratch.as_deref());
     }
     total
 }
@@ -232,52 +228,50 @@ fn loss_total<F: Real, O: Elem>(
     groups.iter().sum()
 }
 
-struct PieceMax<'a, T> {
-    x: &'a [T],
-    p: (usize, usize),
-}
-
-impl<T: Elem> Task<T::Acc> for PieceMax<'_, T> {
-    type Output = T::Acc;
-    #[inline(always)]
-    fn run<L: Lanes<F = T::Acc>>(self, l: L) -> T::Acc {
-        rows::piece_max(l, self.x, self.p)
-    }
-}
-
-struct PieceSums<'a, T: Elem> {
+struct PiecePartial<'a, T: Elem> {
     k: &'a Consts<T::Acc>,
     x: &'a [T],
     probs: Option<&'a [T]>,
     p: (usize, usize),
-    m: T::Acc,
-    target: SampleTarget<T::Acc>,
     /// The piece's own scratch for its exponentials, or None.
     scratch: Option<&'a mut [T::Acc]>,
 }
 
-impl<T: Elem> Task<T::Acc> for PieceSums<'_, T> {
-    /// The piece's sums, and `exp(x_y - m)` when the target lies in it.
-    type Output = (Sums<T::Acc>, Option<T::Acc>);
+impl<T: Elem> Task<T::Acc> for PiecePartial<'_, T> {
+    type Output = Partial<T::Acc>;
     #[inline(always)]
     fn run<L: Lanes<F = T::Acc>>(self, l: L) -> Self::Output {
-        let PieceSums {
+        let PiecePartial {
             k,
             x,
             probs,
             p,
-            m,
-            target,
             scratch,
         } = self;
-        let sums = rows::piece_sums(l, k, x, probs, p, m, scratch);
-        let e_y = match target {
-            SampleTarget::Class { y, .. } if (p.0..p.1).contains(&y) => {
-                Some(rows::target_exp(l, x, target, m))
-            }
-            _ => None,
-        };
-        (sums, e_y)
+        let max = rows::piece_max(l, x, p);
+        rows::piece_partial(l, k, x, probs, (p, max), scratch)
+    }
+}
+
+/// A row's partials joined: its maximum, its sums from it, and
+/// `exp(x_y - shift)` of its class target (from its piece's shift).
+struct RowJoin<'a, T: Elem> {
+    k: &'a Consts<T::Acc>,
+    x: &'a [T],
+    target: SampleTarget<T::Acc>,
+    parts: &'a [Partial<T::Acc>],
+}
+
+impl<T: Elem> Task<T::Acc> for RowJoin<'_, T> {
+    type Output = (T::Acc, Sums<T::Acc>, T::Acc);
+    #[inline(always)]
+    fn run<L: Lanes<F = T::Acc>>(self, l: L) -> Self::Output {
+        let (m, sums) = rows::join(l, self.k, self.parts);
+        (
+            m,
+            sums,
+            rows::target_exp(l, self.x, self.target, self.parts),
+        )
     }
 }
 
@@ -285,7 +279,9 @@ struct PieceGrad<'a, T: Elem> {
     k: &'a Consts<T::Acc>,
     io: Logits<'a, T>,
     r: RowIn<'a, T, T::Acc>,
+    /// The row's constants, and the piece's partial they are moved to.
     gc: GradConsts<T::Acc>,
+    part: &'a Partial<T::Acc>,
     e_y: T::Acc,
     p: (usize, usize),
     /// The piece's exponentials, or None to compute them again.
@@ -301,10 +297,12 @@ impl<T: Elem> Task<T::Acc> for PieceGrad<'_, T> {
             io,
             r,
             gc,
+            part,
             e_y,
             p,
             e,
         } = self;
+        let gc = gc.of_piece(l, part);
         match io {
             Io::Forward(_) => {}
             Io::Grad(x, g) => {
@@ -346,14 +344,22 @@ mod tests {
 
     /// A long row gives the same bits alone on 1, 2 or 3 threads (split by
     /// pieces on more than one) and inside a batch (one row per thread),
-    /// with each kind of target and option.
+    /// with each kind of target and option, and pieces whose maxima differ
+    /// from the row's (or are -inf).
     #[test]
     fn a_long_row_is_the_same_split_or_whole_alone_or_in_a_batch() {
         let (n, c) = (4, 4 * PIECE + 37);
         let mut sd = 5;
-        let x: Vec<f32> = (0..n * c)
+        let mut x: Vec<f32> = (0..n * c)
             .map(|_| (lcg(&mut sd) * 24.0 - 12.0) as f32)
             .collect();
+        // pieces at other heights than the row's first, and a masked one:
+        // each piece's sums are moved from its own maximum to the row's
+        x[3 * PIECE..4 * PIECE].iter_mut().for_each(|v| *v += 40.0);
+        x[c + PIECE..c + 2 * PIECE]
+            .iter_mut()
+            .for_each(|v| *v -= 70.0);
+        x[3 * c + 2 * PIECE..3 * c + 3 * PIECE].fill(f32::NEG_INFINITY);
         let probs: Vec<f32> = (0..n * c).map(|_| lcg(&mut sd) as f32 / c as f32).collect();
         let w: Vec<f64> = (0..c).map(|_| lcg(&mut sd) * 2.0).collect();
         let idx = [3i64, (PIECE + 5) as i64, -100, (c - 1) as i64];

@@ -19,7 +19,10 @@
 //! one), their sum and the smoothing/probability sums; then the gradient,
 //! which reads the exponentials from the scratch row or computes them again
 //! (the same instructions on the same values: the same bits). Forward-only
-//! calls stop after the second pass.
+//! calls stop after the second pass. A row longer than a piece of classes
+//! (`rows::PIECE`) takes the first two passes piece by piece, each piece
+//! from its own maximum, and joins the pieces' sums at the row's maximum
+//! (`rows::join`), so that its pieces can run on different threads.
 
 pub(crate) mod columns;
 pub(crate) mod order;
@@ -51,6 +54,9 @@ pub(crate) struct Consts<F> {
     pub smooth: bool,
     /// The z-loss coefficient (`0`: no term, no extra arithmetic).
     pub z_loss: F,
+    /// `sum_c w_c` over each piece of a row (`rows::pieces`), when `smooth`
+    /// (else empty): the factor of a piece's smoothing sum's shift (`rows::join`).
+    pub piece_w: Vec<F>,
 }
 
 impl<F: Real> Consts<F> {
@@ -61,14 +67,22 @@ impl<F: Real> Consts<F> {
         index_targets: bool,
         z_loss: f64,
     ) -> Self {
+        let smooth = eps > 0.0 && index_targets;
+        let piece_w = rows::pieces(classes)
+            .take_while(|_| smooth)
+            .map(|(lo, hi)| {
+                F::from_f64(weight.map_or((hi - lo) as f64, |w| w[lo..hi].iter().sum()))
+            })
+            .collect();
         Consts {
             classes,
             weight: weight.map(|w| w.iter().map(|&v| F::from_f64(v)).collect()),
             w_total: F::from_f64(weight.map_or(classes as f64, |w| w.iter().sum())),
             keep: F::from_f64(1.0 - eps),
             eps_c: F::from_f64(eps / classes as f64),
-            smooth: eps > 0.0 && index_targets,
+            smooth,
             z_loss: F::from_f64(z_loss),
+            piece_w,
         }
     }
 

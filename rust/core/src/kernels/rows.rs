@@ -16,11 +16,12 @@ pub(crate) struct RowIn<'r, T, F> {
     pub scale: F,
 }
 
-/// Classes per piece of a row. A row's maximum and sums are those of its
-/// pieces (`[j PIECE, (j + 1) PIECE)`, the last one shorter), each taken on
-/// its own and joined in piece order. The pieces are fixed by `C` alone (a
-/// multiple of every lane count), so a long row split across threads by its
-/// pieces (`ce/long_rows.rs`) gives the bits it gives on one thread.
+/// Classes per piece of a row. A row's maximum and sums are joined from
+/// those of its pieces (`[j PIECE, (j + 1) PIECE)`, the last one shorter),
+/// each taken on its own from its own maximum ([`Partial`]) and joined in
+/// piece order ([`join`]). The pieces are fixed by `C` alone (a multiple of
+/// every lane count), so a long row split across threads by its pieces
+/// (`ce/long_rows.rs`) gives the bits it gives on one thread.
 pub(crate) const PIECE: usize = 1 << 14;
 
 /// The pieces of a row of `c` classes, in order (one, empty, when `c = 0`).
@@ -46,36 +47,126 @@ pub(crate) fn piece_max<L: Lanes, T: Elem>(l: L, x: &[T], p: (usize, usize)) -> 
     }
 }
 
-/// The maximum of a row: its pieces' maxima joined in order (a NaN stays).
-#[inline(always)]
-fn row_max<L: Lanes, T: Elem>(l: L, x: &[T]) -> L::F {
-    // Loops, not closures: a closure may not be inlined into the caller's
-    // target features, and the lanes' intrinsics must be.
-    let mut ps = pieces(x.len());
-    let mut m = piece_max(l, x, ps.next().unwrap_or((0, 0)));
-    for p in ps {
-        m = m.max_nan(piece_max(l, x, p));
+/// One piece's share of its row: its maximum, and its sums (and kept
+/// exponentials) taken from its own `shift`: the maximum, or zero for a
+/// piece whose maximum is -inf (its exponentials are 0 from any finite
+/// shift, and its masked classes give `d = -inf`, as from the row's).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Partial<F> {
+    pub max: F,
+    pub shift: F,
+    pub sums: Sums<F>,
+}
+
+impl<F: Real> Partial<F> {
+    const EMPTY: Self = Partial {
+        max: F::NEG_INFINITY,
+        shift: F::ZERO,
+        sums: Sums {
+            s: F::ZERO,
+            smooth: F::ZERO,
+            pa: F::ZERO,
+            pb: F::ZERO,
+        },
+    };
+
+    /// `exp(shift - m)`, which brings the piece's exponentials to the row's
+    /// maximum `m`: exactly 1 for the piece that holds `m` and for a piece
+    /// of -inf (whose exponentials are 0). It is the lanes' own `exp`,
+    /// inlined: a call into libm here made LLVM reload the constants of the
+    /// passes' `exp` inside their loops (4-10% slower rows).
+    #[inline(always)]
+    fn factor<L: Lanes<F = F>>(&self, l: L, m: F) -> F {
+        if self.max == m || self.max == F::NEG_INFINITY {
+            F::ONE
+        } else {
+            let t = l.tail();
+            t.hsum(t.exp(t.splat(self.shift - m)))
+        }
     }
-    m
+
+    /// The piece's sums from the row's maximum `m` (`j`: the piece's index):
+    /// `s` times the factor; the sums of `d` moved by `shift - m` times
+    /// their weights.
+    #[inline(always)]
+    fn sums_at<L: Lanes<F = F>>(&self, l: L, k: &Consts<F>, j: usize, m: F) -> Sums<F> {
+        if self.max == m {
+            return self.sums;
+        }
+        let (d, s) = (self.shift - m, self.sums);
+        Sums {
+            s: s.s * self.factor(l, m),
+            smooth: if k.smooth {
+                s.smooth + d * k.piece_w[j]
+            } else {
+                s.smooth
+            },
+            pa: s.pa,
+            pb: s.pb + d * s.pa,
+        }
+    }
+}
+
+/// The partial of the piece `p` of the row `x`, whose maximum is `max`
+/// ([`piece_max`]); its exponentials go to `scratch`, the piece's own
+/// (`scratch[0]` is class `p.0`), when given.
+#[inline(always)]
+pub(crate) fn piece_partial<L: Lanes, T: Elem>(
+    l: L,
+    k: &Consts<L::F>,
+    x: &[T],
+    probs: Option<&[T]>,
+    (p, max): ((usize, usize), L::F),
+    scratch: Option<&mut [L::F]>,
+) -> Partial<L::F> {
+    let shift = if max == L::F::NEG_INFINITY {
+        L::F::ZERO
+    } else {
+        max
+    };
+    let sums = piece_sums(l, k, x, probs, p, shift, scratch);
+    Partial { max, shift, sums }
+}
+
+/// The row's maximum `m` (a NaN stays) and its sums from `m`, from its
+/// pieces' partials, added in piece order. A row of one piece is its
+/// piece's partial as it is.
+#[inline(always)]
+pub(crate) fn join<L: Lanes>(
+    l: L,
+    k: &Consts<L::F>,
+    parts: &[Partial<L::F>],
+) -> (L::F, Sums<L::F>) {
+    let first = &parts[0];
+    if parts.len() == 1 {
+        return (first.max, first.sums);
+    }
+    let m = parts[1..].iter().fold(first.max, |a, p| a.max_nan(p.max));
+    let mut sums = first.sums_at(l, k, 0, m);
+    for (j, p) in parts.iter().enumerate().skip(1) {
+        sums = sums.add(p.sums_at(l, k, j, m));
+    }
+    (m, sums)
 }
 
 #[inline(always)]
 pub(crate) fn max_of<L: Lanes, T: Elem>(l: L, x: &[T], lo: usize, hi: usize) -> L::F {
     let n = L::N;
     let neg = l.splat(L::F::NEG_INFINITY);
-    let mut acc = [neg; 4];
-    let mut i = lo;
-    while i + 4 * n <= hi {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a = l.max(*a, l.load(&x[i + j * n..]));
-        }
-        i += 4 * n;
+    // four named accumulators, not an array: LLVM kept an array's on the
+    // stack in some callers (a load and a store around every maximum)
+    let (mut a0, mut a1, mut a2, mut a3) = (neg, neg, neg, neg);
+    let mut quads = x[lo..hi].chunks_exact(4 * n);
+    for q in &mut quads {
+        a0 = l.max(a0, l.load(q));
+        a1 = l.max(a1, l.load(&q[n..]));
+        a2 = l.max(a2, l.load(&q[2 * n..]));
+        a3 = l.max(a3, l.load(&q[3 * n..]));
     }
-    while i + n <= hi {
-        acc[0] = l.max(acc[0], l.load(&x[i..]));
-        i += n;
+    for v in quads.remainder().chunks_exact(n) {
+        a0 = l.max(a0, l.load(v));
     }
-    l.hmax(l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3])))
+    l.hmax(l.max(l.max(a0, a1), l.max(a2, a3)))
 }
 
 /// The weighted smoothed target `tw` of the classes at `i..i + L::N`
@@ -169,7 +260,7 @@ fn exp_pass<L: Lanes, T: Elem>(
 /// The sums of the piece `p` of the row `x` (see [`exp_pass`]); the
 /// exponentials go to `scratch`, the piece's own (`scratch[0]` is class `p.0`).
 #[inline(always)]
-pub(crate) fn piece_sums<L: Lanes, T: Elem>(
+fn piece_sums<L: Lanes, T: Elem>(
     l: L,
     k: &Consts<L::F>,
     x: &[T],
@@ -192,11 +283,19 @@ pub(crate) fn piece_sums<L: Lanes, T: Elem>(
     ))
 }
 
-/// `exp(x_y - m)` for a class target (as the passes compute it), else 0.
+/// `exp(x_y - shift)` for a class target, from the shift of its piece of
+/// the row's `parts` (as the passes compute it), else 0.
 #[inline(always)]
-pub(crate) fn target_exp<L: Lanes, T: Elem>(l: L, x: &[T], t: SampleTarget<L::F>, m: L::F) -> L::F {
+pub(crate) fn target_exp<L: Lanes, T: Elem>(
+    l: L,
+    x: &[T],
+    t: SampleTarget<L::F>,
+    parts: &[Partial<L::F>],
+) -> L::F {
     match t {
-        SampleTarget::Class { y, .. } => exp_at(l, x, x.len() - x.len() % L::N, y, m),
+        SampleTarget::Class { y, .. } => {
+            exp_at(l, x, x.len() - x.len() % L::N, y, parts[y / PIECE].shift)
+        }
         _ => L::F::ZERO,
     }
 }
@@ -225,6 +324,20 @@ pub(crate) struct GradConsts<F> {
     m: F,
     k1: F,
     scale: F,
+}
+
+impl<F: Real> GradConsts<F> {
+    /// The constants of the piece `part` of the row, whose maximum is
+    /// `self.m`: its exponentials are taken from its own shift, so `k1` is
+    /// scaled by its factor.
+    #[inline(always)]
+    pub(crate) fn of_piece<L: Lanes<F = F>>(self, l: L, part: &Partial<F>) -> Self {
+        GradConsts {
+            m: part.shift,
+            k1: self.k1 * part.factor(l, self.m),
+            scale: self.scale,
+        }
+    }
 }
 
 /// `g = scale * (e k1 - tw)` over `lo..hi` (a multiple of `L::N` long),
@@ -308,6 +421,48 @@ fn piece_of<'s, F>(scratch: &'s mut Option<&mut [F]>, p: (usize, usize)) -> Opti
     scratch.as_deref_mut().map(|s| &mut s[p.0..p.1])
 }
 
+/// Fills `parts` with the partials of the pieces of the row `x`, in order;
+/// the exponentials into `scratch` (room for `C` values) when given. Every
+/// piece's maximum is taken first, in one stream over the row, as the
+/// memory prefetchers like it; then every piece's sums, from cache.
+#[inline(always)]
+fn fill_partials<L: Lanes, T: Elem>(
+    l: L,
+    k: &Consts<L::F>,
+    (x, probs): (&[T], Option<&[T]>),
+    parts: &mut [Partial<L::F>],
+    mut scratch: Option<&mut [L::F]>,
+) {
+    // Loops, not closures: a closure may not be inlined into the caller's
+    // target features, and the lanes' intrinsics must be.
+    for (part, p) in parts.iter_mut().zip(pieces(x.len())) {
+        part.max = piece_max(l, x, p);
+    }
+    for (part, p) in parts.iter_mut().zip(pieces(x.len())) {
+        let sc = piece_of(&mut scratch, p);
+        *part = piece_partial(l, k, x, probs, (p, part.max), sc);
+    }
+}
+
+/// The gradient of every piece of a row whose pieces are `parts`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
+    l: L,
+    k: &Consts<L::F>,
+    acc: &mut A,
+    r: &RowIn<'_, T, L::F>,
+    e: Option<&[L::F]>,
+    gc: GradConsts<L::F>,
+    e_y: L::F,
+    parts: &[Partial<L::F>],
+) {
+    for (p, part) in pieces(k.classes).zip(parts) {
+        let e = e.map(|e| &e[p.0..p.1]);
+        piece_gradient(l, k, acc, r, e, gc.of_piece(l, part), e_y, p);
+    }
+}
+
 /// Loss of one row; writes its gradient when `io` asks for one. `scratch`
 /// (room for `C` values) keeps the exponentials between the passes; without
 /// it they are computed again (same bits).
@@ -324,32 +479,25 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         return L::F::ZERO;
     }
     let mut scratch = if io.wants_grad() { scratch } else { None };
-    let (gc, loss, e_y) = {
-        let x = &io.input()[..c];
-        let m = row_max(l, x);
-        let mut ps = pieces(c);
-        let first = ps.next().unwrap_or((0, 0));
-        let mut sums = piece_sums(l, k, x, r.probs, first, m, piece_of(&mut scratch, first));
-        for p in ps {
-            sums = sums.add(piece_sums(
-                l,
-                k,
-                x,
-                r.probs,
-                p,
-                m,
-                piece_of(&mut scratch, p),
-            ));
-        }
-        let e_y = target_exp(l, x, r.target, m);
-        let (loss, gc) = conclude(k, &r, x, m, sums);
-        (gc, loss, e_y)
+    let x = &io.input()[..c];
+    // a row of one piece (most rows) keeps its partial on the stack
+    let (mut one, mut many) = ([Partial::EMPTY], Vec::new());
+    let parts: &mut [Partial<L::F>] = if c <= PIECE {
+        &mut one
+    } else {
+        many.resize(c.div_ceil(PIECE), Partial::EMPTY);
+        &mut many
     };
-    let (e, whole) = (scratch.as_deref(), (0, c));
+    fill_partials(l, k, (x, r.probs), parts, scratch.as_deref_mut());
+    let parts = &*parts;
+    let (m, sums) = join(l, k, parts);
+    let e_y = target_exp(l, x, r.target, parts);
+    let (loss, gc) = conclude(k, &r, x, m, sums);
+    let e = scratch.as_deref();
     match io {
         Io::Forward(_) => {}
-        Io::Grad(x, g) => piece_gradient(l, k, &mut Separate(x, g), &r, e, gc, e_y, whole),
-        Io::InPlace(x) => piece_gradient(l, k, &mut Same(x), &r, e, gc, e_y, whole),
+        Io::Grad(x, g) => row_gradient(l, k, &mut Separate(x, g), &r, e, gc, e_y, parts),
+        Io::InPlace(x) => row_gradient(l, k, &mut Same(x), &r, e, gc, e_y, parts),
     }
     loss
 }
