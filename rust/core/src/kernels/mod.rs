@@ -55,7 +55,8 @@ pub(crate) struct Consts<F> {
     /// The z-loss coefficient (`0`: no term, no extra arithmetic).
     pub z_loss: F,
     /// `sum_c w_c` over each piece of a row (`rows::pieces`), when `smooth`
-    /// (else empty): the factor of a piece's smoothing sum's shift (`rows::join`).
+    /// (else empty): a piece's smoothing sum moves by `shift - m` times its
+    /// entry when the piece joins its row (`rows::join`).
     pub piece_w: Vec<F>,
 }
 

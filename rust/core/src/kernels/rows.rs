@@ -423,8 +423,8 @@ fn piece_of<'s, F>(scratch: &'s mut Option<&mut [F]>, p: (usize, usize)) -> Opti
 
 /// Fills `parts` with the partials of the pieces of the row `x`, in order;
 /// the exponentials into `scratch` (room for `C` values) when given. Every
-/// piece's maximum is taken first, in one stream over the row, as the
-/// memory prefetchers like it; then every piece's sums, from cache.
+/// piece's maximum is taken first, in one pass over the row, then every
+/// piece's sums: the order of the passes over a row of one piece.
 #[inline(always)]
 fn fill_partials<L: Lanes, T: Elem>(
     l: L,
