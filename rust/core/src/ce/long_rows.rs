@@ -21,13 +21,11 @@ pub(crate) fn wants_split(rows: usize, c: usize) -> bool {
     crate::threads::parallel() && c > PIECE && rows < rayon::current_num_threads()
 }
 
-/// A row once its pieces are joined: its loss, the constants of its
-/// gradient pass and `exp(x_y - shift)` (its piece's shift) for its
-/// target's own gradient.
+/// A row once its pieces are joined: its loss and the constants of its
+/// gradient pass.
 struct Concluded<F> {
     loss: F,
     gc: GradConsts<F>,
-    e_y: F,
 }
 
 /// The rows of one call, and the pieces they are split into.
@@ -96,14 +94,14 @@ where
             .enumerate()
             .map(|(r, parts)| {
                 let (x, r_in) = (self.row_x(x, r), self.row_in(r));
-                let (m, sums, e_y) = T::Acc::dispatch(RowJoin {
+                let (joined, e_y) = T::Acc::dispatch(RowJoin {
                     k,
                     x,
                     target: r_in.target,
                     parts,
                 });
-                let (loss, gc) = rows::conclude(k, &r_in, x, m, sums);
-                Concluded { loss, gc, e_y }
+                let (loss, gc) = rows::conclude(k, &r_in, x, joined, e_y);
+                Concluded { loss, gc }
             })
             .collect()
     }
@@ -141,14 +139,12 @@ where
             items,
             || (),
             |_, (((r, p), part), (io, e))| {
-                let row = &rows[r];
                 T::Acc::dispatch(PieceGrad {
                     k: &self.plan.k,
                     io,
                     r: self.row_in(r),
-                    gc: row.gc,
+                    gc: rows[r].gc,
                     part,
-                    e_y: row.e_y,
                     p,
                     e,
                 })
@@ -263,13 +259,11 @@ struct RowJoin<'a, T: Elem> {
 }
 
 impl<T: Elem> Task<T::Acc> for RowJoin<'_, T> {
-    type Output = (T::Acc, Sums<T::Acc>, T::Acc);
+    type Output = ((T::Acc, Sums<T::Acc>), T::Acc);
     #[inline(always)]
     fn run<L: Lanes<F = T::Acc>>(self, l: L) -> Self::Output {
-        let (m, sums) = rows::join(l, self.k, self.parts);
         (
-            m,
-            sums,
+            rows::join(l, self.k, self.parts),
             rows::target_exp(l, self.x, self.target, self.parts),
         )
     }
@@ -282,7 +276,6 @@ struct PieceGrad<'a, T: Elem> {
     /// The row's constants, and the piece's partial they are moved to.
     gc: GradConsts<T::Acc>,
     part: &'a Partial<T::Acc>,
-    e_y: T::Acc,
     p: (usize, usize),
     /// The piece's exponentials, or None to compute them again.
     e: Option<&'a [T::Acc]>,
@@ -298,20 +291,18 @@ impl<T: Elem> Task<T::Acc> for PieceGrad<'_, T> {
             r,
             gc,
             part,
-            e_y,
             p,
             e,
         } = self;
-        let gc = gc.of_piece(l, part);
         match io {
             Io::Forward(_) => {}
             Io::Grad(x, g) => {
                 let acc = &mut Shifted(Separate(x, g), p.0);
-                rows::piece_gradient(l, k, acc, &r, e, gc, e_y, p);
+                rows::piece_gradient(l, k, acc, &r, e, (gc, part), p);
             }
             Io::InPlace(x) => {
                 let acc = &mut Shifted(Same(x), p.0);
-                rows::piece_gradient(l, k, acc, &r, e, gc, e_y, p);
+                rows::piece_gradient(l, k, acc, &r, e, (gc, part), p);
             }
         }
     }

@@ -300,14 +300,15 @@ pub(crate) fn target_exp<L: Lanes, T: Elem>(
     }
 }
 
-/// The row's loss and gradient constants from its maximum `m` and sums.
+/// The row's loss and gradient constants from its maximum `m`, its sums
+/// and `e_y` ([`target_exp`]).
 #[inline(always)]
 pub(crate) fn conclude<T: Elem, F: Real>(
     k: &Consts<F>,
     r: &RowIn<'_, T, F>,
     x: &[T],
-    m: F,
-    sums: Sums<F>,
+    (m, sums): (F, Sums<F>),
+    e_y: F,
 ) -> (F, GradConsts<F>) {
     let xy = match r.target {
         SampleTarget::Class { y, .. } => F::from_elem(x[y]) - m,
@@ -315,7 +316,7 @@ pub(crate) fn conclude<T: Elem, F: Real>(
     };
     let (loss, k1) = finish(k, r.target, xy, sums, m);
     let scale = sample_scale(r.target, r.scale);
-    (loss, GradConsts { m, k1, scale })
+    (loss, GradConsts { m, k1, scale, e_y })
 }
 
 /// The row's constants in the gradient pass.
@@ -324,6 +325,8 @@ pub(crate) struct GradConsts<F> {
     m: F,
     k1: F,
     scale: F,
+    /// `exp(x_y - shift)` of a class target, from its piece's shift.
+    e_y: F,
 }
 
 impl<F: Real> GradConsts<F> {
@@ -335,7 +338,7 @@ impl<F: Real> GradConsts<F> {
         GradConsts {
             m: part.shift,
             k1: self.k1 * part.factor(l, self.m),
-            scale: self.scale,
+            ..self
         }
     }
 }
@@ -391,7 +394,8 @@ pub(crate) fn exp_at<L: Lanes, T: Elem>(l: L, x: &[T], body: usize, i: usize, m:
 }
 
 /// The gradient of the piece `p` of a row: both passes, then the target
-/// class's own gradient when it lies in the piece. `e`: the piece's
+/// class's own gradient when it lies in the piece. `gc`: the row's
+/// constants, moved to the piece's partial `part`. `e`: the piece's
 /// exponentials (`e[0]` is class `p.0`), or None to compute them again.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -401,16 +405,16 @@ pub(crate) fn piece_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     acc: &mut A,
     r: &RowIn<'_, T, L::F>,
     e: Option<&[L::F]>,
-    gc: GradConsts<L::F>,
-    e_y: L::F,
+    (gc, part): (GradConsts<L::F>, &Partial<L::F>),
     p: (usize, usize),
 ) {
+    let gc = gc.of_piece(l, part);
     let body = piece_body::<L>(p);
     grad_pass(l, k, acc, r.probs, (e, p.0), p.0, body, gc);
     grad_pass(l.tail(), k, acc, r.probs, (e, p.0), body, p.1, gc);
     if let SampleTarget::Class { y, w_y } = r.target {
         if (p.0..p.1).contains(&y) {
-            acc.g(y)[0] = target_grad(k, e_y, gc.k1, w_y, gc.scale).to_elem();
+            acc.g(y)[0] = target_grad(k, gc.e_y, gc.k1, w_y, gc.scale).to_elem();
         }
     }
 }
@@ -445,7 +449,6 @@ fn fill_partials<L: Lanes, T: Elem>(
 }
 
 /// The gradient of every piece of a row whose pieces are `parts`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn row_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     l: L,
@@ -454,12 +457,11 @@ fn row_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     r: &RowIn<'_, T, L::F>,
     e: Option<&[L::F]>,
     gc: GradConsts<L::F>,
-    e_y: L::F,
     parts: &[Partial<L::F>],
 ) {
     for (p, part) in pieces(k.classes).zip(parts) {
         let e = e.map(|e| &e[p.0..p.1]);
-        piece_gradient(l, k, acc, r, e, gc.of_piece(l, part), e_y, p);
+        piece_gradient(l, k, acc, r, e, (gc, part), p);
     }
 }
 
@@ -490,14 +492,13 @@ pub(crate) fn row<L: Lanes, T: Elem>(
     };
     fill_partials(l, k, (x, r.probs), parts, scratch.as_deref_mut());
     let parts = &*parts;
-    let (m, sums) = join(l, k, parts);
     let e_y = target_exp(l, x, r.target, parts);
-    let (loss, gc) = conclude(k, &r, x, m, sums);
+    let (loss, gc) = conclude(k, &r, x, join(l, k, parts), e_y);
     let e = scratch.as_deref();
     match io {
         Io::Forward(_) => {}
-        Io::Grad(x, g) => row_gradient(l, k, &mut Separate(x, g), &r, e, gc, e_y, parts),
-        Io::InPlace(x) => row_gradient(l, k, &mut Same(x), &r, e, gc, e_y, parts),
+        Io::Grad(x, g) => row_gradient(l, k, &mut Separate(x, g), &r, e, gc, parts),
+        Io::InPlace(x) => row_gradient(l, k, &mut Same(x), &r, e, gc, parts),
     }
     loss
 }
