@@ -43,7 +43,8 @@ pub trait Lanes: Copy + Send + Sync {
     /// Lane-wise maximum (NaN handling unspecified: a NaN input poisons the
     /// sum of exponentials later anyway).
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
-    /// `a * b + c`, fused where the hardware has it.
+    /// `a * b + c` with one rounding (fused), on every level: the same bits
+    /// from the vectors' lanes and from the one-lane ends of rows.
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `exp(x)` lane-wise; see [`exp_f32`] for the accuracy contract of the
     /// float32 versions.
@@ -286,6 +287,20 @@ mod tests {
                 }
             }
         }};
+    }
+
+    fn check_mul_add<L: Lanes<F = f32>>(l: L) {
+        // (1 + e)(1 - e) - 1 is -e² rounded once; rounded twice, it is 0
+        let e = 2f32.powi(-12);
+        let (a, b, c) = (l.splat(1.0 + e), l.splat(1.0 - e), l.splat(-1.0));
+        let mut out = vec![1.0f32; L::N];
+        l.store(l.mul_add(a, b, c), &mut out);
+        assert!(out.iter().all(|&v| v == -e * e), "{out:?}");
+    }
+
+    #[test]
+    fn mul_add_is_fused_on_every_level() {
+        on_every_level!(check_mul_add);
     }
 
     fn ulp_err(got: f32, want: f64) -> f64 {

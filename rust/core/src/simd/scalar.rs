@@ -49,7 +49,10 @@ macro_rules! scalar_lanes {
             }
             #[inline(always)]
             fn mul_add(self, a: $f, b: $f, c: $f) -> $f {
-                a * b + c
+                // fused, as on the vector levels, whose ends of rows run here
+                // (one rounding: a hardware FMA wherever this is inlined into
+                // a vector level's code)
+                a.mul_add(b, c)
             }
             #[inline(always)]
             fn exp(self, x: $f) -> $f {
