@@ -13,7 +13,8 @@
 //!   blocks whose partial sums wait in the output), so no horizontal sum is
 //!   needed: the product runs at the FMA rate.
 //! * Input gradient `(r, k)`: `Σ_j dL[r, j] W[j, k]` accumulated in class
-//!   order, one lane per `k`, starting from zero. Class blocks store and
+//!   order by fused multiply-adds, one lane per `k` (the one-lane ends of
+//!   rows too), starting from zero. Class blocks store and
 //!   reload the partial sums in the compute type, which is exact.
 //!
 //! Tiles of several rows and classes only interleave independent elements;
@@ -40,10 +41,18 @@ const PANEL_BYTES: usize = 128 << 10;
 const SMALL_PANELS: [usize; 2] = [2048, 8192];
 /// The widest vector, in lanes (AVX-512 float32).
 const MAX_LANES: usize = 16;
-/// Input-gradient columns per parallel piece, and rows per piece (a
-/// multiple of both tiles' rows, 6 and 4).
+/// Input-gradient columns per parallel piece.
 const DX_COLS: usize = 128;
-const DX_ROWS: usize = 252;
+/// Input-gradient pieces wanted per thread, to even out their loads.
+const DX_PIECES_PER_THREAD: usize = 4;
+/// The fewest rows in an input-gradient piece. Every piece copies its
+/// columns of the whole weight once, whatever its rows: at (2048, 2048,
+/// 32000), pieces of 252 rows (three per chunk of 524) spent 6% of the
+/// forward+backward in that copy, one piece per chunk 3%.
+const DX_MIN_ROWS: usize = 96;
+/// Rows of an input-gradient piece are a multiple of both tiles' rows (6
+/// and 4), so that only the last piece has an edge.
+const DX_ROW_STEP: usize = 12;
 
 /// A row-major `rows x cols` matrix whose rows are `ld` apart.
 #[derive(Clone, Copy)]
@@ -346,6 +355,7 @@ pub(crate) fn input_grad<G: GemmReal>(
     assert!(dl.in_bounds() && w.in_bounds() && dl.cols == classes && dx.len() >= rows * d);
     let (dl, w) = (dl.data, w.data);
     let dst = Shared::new(dx);
+    let piece_rows = dx_piece_rows(rows, d.div_ceil(DX_COLS), threads);
     let run = |(r0, k0): (usize, usize)| {
         G::dispatch(DxTask {
             dl,
@@ -355,13 +365,13 @@ pub(crate) fn input_grad<G: GemmReal>(
             dst,
             d,
             accumulate,
-            rows: (r0, (r0 + DX_ROWS).min(rows)),
+            rows: (r0, (r0 + piece_rows).min(rows)),
             cols: (k0, (k0 + DX_COLS).min(d)),
             panels,
         })
     };
     let pieces: Vec<(usize, usize)> = (0..rows)
-        .step_by(DX_ROWS)
+        .step_by(piece_rows)
         .flat_map(|r0| (0..d).step_by(DX_COLS).map(move |k0| (r0, k0)))
         .collect();
     if threads > 1 {
@@ -369,6 +379,16 @@ pub(crate) fn input_grad<G: GemmReal>(
     } else {
         pieces.into_iter().for_each(run);
     }
+}
+
+/// Rows per input-gradient piece: as many as leave [`DX_PIECES_PER_THREAD`]
+/// pieces for each thread (fewer pieces, fewer copies of the weight), but
+/// at least [`DX_MIN_ROWS`]. The pieces only share out the work: every
+/// element's sequence over the classes is the same for any of them.
+fn dx_piece_rows(rows: usize, col_pieces: usize, threads: usize) -> usize {
+    let wanted = (DX_PIECES_PER_THREAD * threads).div_ceil(col_pieces.max(1));
+    let rows = rows.div_ceil(wanted.max(1)).max(DX_MIN_ROWS);
+    rows.next_multiple_of(DX_ROW_STEP)
 }
 
 struct DxTask<'a, G> {
@@ -517,5 +537,90 @@ impl<G: GemmReal> DxTask<'_, G> {
                 l.store(v, &mut out[q * n..]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values in [-1, 1) from a fixed sequence.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// `dx[r, k]`: one `mul_add` chain over the classes in order, from zero.
+    fn chains(dl: &[f32], w: &[f32], rows: usize, classes: usize, d: usize) -> Vec<f32> {
+        let mut dx = vec![0.0f32; rows * d];
+        for r in 0..rows {
+            for k in 0..d {
+                let mut acc = 0.0f32;
+                for j in 0..classes {
+                    acc = dl[r * classes + j].mul_add(w[j * d + k], acc);
+                }
+                dx[r * d + k] = acc;
+            }
+        }
+        dx
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn input_grad_is_each_elements_chain_however_it_is_split() {
+        // d = 259: three column pieces, the last a one-lane tail; 700
+        // classes: three blocks of the packed panel
+        let (rows, classes, d) = (300, 700, 259);
+        let (dl, w) = (values(rows * classes, 1), values(classes * d, 2));
+        let want = bits(&chains(&dl, &w, rows, classes, d));
+        // 1, 2 and 5 threads cut the rows into 2, 3 and 4 pieces
+        for threads in [1, 2, 5] {
+            let panels = PerThread::new(threads, || Ok(vec![0.0f32; panel_len::<f32>(d)])).unwrap();
+            let (half, mut dx) = (classes / 2, vec![f32::NAN; rows * d]);
+            // the classes in two calls, the second continuing the first
+            for (j0, j1) in [(0, half), (half, classes)] {
+                let dls = Rows {
+                    data: &dl[j0..],
+                    rows,
+                    cols: j1 - j0,
+                    ld: classes,
+                };
+                let ws = Rows {
+                    data: &w[j0 * d..j1 * d],
+                    rows: j1 - j0,
+                    cols: d,
+                    ld: d,
+                };
+                input_grad(dls, ws, &mut dx, j0 > 0, threads, &panels);
+            }
+            let got = bits(&dx);
+            let differ = (0..got.len()).find(|&i| got[i] != want[i]);
+            assert_eq!(
+                differ.map(|i| (i / d, i % d)),
+                None,
+                "(row, column), {threads} threads"
+            );
+        }
+    }
+
+    #[test]
+    fn input_grad_pieces_leave_each_thread_several_and_copy_the_weight_seldom() {
+        // (2048, 2048, 32000) on 2 threads: one piece per chunk of 524 rows
+        assert_eq!(dx_piece_rows(524, 16, 2), 528);
+        // few columns: the rows are cut for the threads, in whole tiles
+        assert_eq!(dx_piece_rows(1000, 2, 4), 132);
+        // many threads: never fewer than DX_MIN_ROWS rows
+        assert_eq!(dx_piece_rows(1000, 16, 64), 96);
+        assert_eq!(dx_piece_rows(0, 0, 1), 96);
     }
 }
