@@ -518,7 +518,8 @@ mod tests {
 
     fn run_f32(dt: &Data, weight: &[f64], rows: usize) -> (f64, Vec<f32>, Vec<f32>, Vec<f32>) {
         let (_, x, w, b) = rounded::<f32>(dt);
-        let (r, dx, dw, db) = run_grads(&problem(dt, &x, &w, &b, weight, rows), 0.0);
+        // NaN first: every gradient is written, none added to what was there
+        let (r, dx, dw, db) = run_grads(&problem(dt, &x, &w, &b, weight, rows), f32::NAN);
         (r.unwrap(), dx, dw, db)
     }
 
