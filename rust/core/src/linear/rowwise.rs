@@ -47,8 +47,8 @@ const DX_COLS: usize = 128;
 const DX_PIECES_PER_THREAD: usize = 4;
 /// The fewest rows in an input-gradient piece. Every piece copies its
 /// columns of the whole weight once, whatever its rows: at (2048, 2048,
-/// 32000), pieces of 252 rows (three per chunk of 524) spent 6% of the
-/// forward+backward in that copy, one piece per chunk 3%.
+/// 32000) forward+backward, perf gave the copies 6% of the samples with
+/// pieces of 252 rows (three per chunk of 524), 3% with one piece per chunk.
 const DX_MIN_ROWS: usize = 96;
 /// Rows of an input-gradient piece are a multiple of both tiles' rows (6
 /// and 4), so that only the last piece has an edge.
@@ -578,8 +578,8 @@ mod tests {
 
     #[test]
     fn input_grad_is_each_elements_chain_however_it_is_split() {
-        // d = 259: three column pieces, the last a one-lane tail; 700
-        // classes: three blocks of the packed panel
+        // d = 259: three column pieces, the last a one-lane tail; 350
+        // classes per call: two blocks of the packed panel (256 classes)
         let (rows, classes, d) = (300, 700, 259);
         let (dl, w) = (values(rows * classes, 1), values(classes * d, 2));
         let want = bits(&chains(&dl, &w, rows, classes, d));
