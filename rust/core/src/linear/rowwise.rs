@@ -543,17 +543,12 @@ impl<G: GemmReal> DxTask<'_, G> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::lcg;
 
     /// Values in [-1, 1) from a fixed sequence.
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
+    fn values(len: usize, mut seed: u64) -> Vec<f32> {
         (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
+            .map(|_| (2.0 * lcg(&mut seed) - 1.0) as f32)
             .collect()
     }
 
