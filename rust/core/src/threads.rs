@@ -197,12 +197,20 @@ impl<B> PerThread<B> {
         Ok(PerThread(bufs))
     }
 
-    /// `f` with the calling thread's buffers (a pool thread's own; the
-    /// first for a thread outside the pool).
+    /// `f` with the calling thread's buffers.
     pub fn with<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    /// The calling thread's buffers (a pool thread's own; the first for a
+    /// thread outside the pool). A kernel takes them with this rather than
+    /// [`Self::with`]: a closure is not always inlined, and code left outside
+    /// the kernel's `target_feature` function calls every intrinsic (the
+    /// logits ran 25 times slower when that happened).
+    #[inline(always)]
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, B> {
         let slot = rayon::current_thread_index().unwrap_or(0) % self.0.len();
-        let mut b = self.0[slot].lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut b)
+        self.0[slot].lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
