@@ -636,9 +636,10 @@ mod tests {
 
     #[test]
     fn logits_are_each_elements_chain_then_the_bias() {
-        // 13 rows: a full tile and the edge tiles of 4 and 1 rows; 100
-        // classes: a last panel of 4; d = 2100: two or more blocks of `D` on
-        // every vector level, so partial sums are stored and reloaded
+        // 13 rows: full tiles and edge tiles (8 + 4 + 1 on AVX-512, 6 + 6 + 1
+        // on AVX2); 100 classes: a last panel of 4; d = 2100: two or more
+        // blocks of `D` on every vector level, so partial sums are stored
+        // and reloaded
         let (rows, classes, d, ld) = (13, 100, 2100, 103);
         let (x, w, b) = (
             values(rows * d, 3),
