@@ -206,7 +206,7 @@ impl<B> PerThread<B> {
     /// thread outside the pool). A kernel takes them with this rather than
     /// [`Self::with`]: a closure is not always inlined, and code left outside
     /// the kernel's `target_feature` function calls every intrinsic (the
-    /// logits ran 25 times slower when that happened).
+    /// logits ran 25–50 times slower when that happened).
     #[inline(always)]
     pub fn lock(&self) -> std::sync::MutexGuard<'_, B> {
         let slot = rayon::current_thread_index().unwrap_or(0) % self.0.len();
