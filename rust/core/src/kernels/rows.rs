@@ -198,7 +198,8 @@ fn target_weight<L: Lanes, T: Elem>(
 
 /// The sums of the second pass over `x[lo..hi]` (`hi - lo` a multiple of
 /// `L::N`); stores `e = exp(x - m)` of class `i` into `scratch[i - base]`
-/// when there is a scratch.
+/// when there is a scratch. The choices that hold for the whole pass are
+/// made here, once, so that the loop runs without branches of its own.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn exp_pass<L: Lanes, T: Elem>(
@@ -209,7 +210,27 @@ fn exp_pass<L: Lanes, T: Elem>(
     lo: usize,
     hi: usize,
     m: L::F,
-    (mut scratch, base): (Option<&mut [L::F]>, usize),
+    (scratch, base): (Option<&mut [L::F]>, usize),
+) -> Sums<L::F> {
+    let extra = k.smooth || probs.is_some();
+    let pass = (x, probs, lo, hi, m);
+    match (scratch, extra) {
+        (Some(sc), false) => exp_loop::<L, T, true, false>(l, k, pass, (sc, base)),
+        (Some(sc), true) => exp_loop::<L, T, true, true>(l, k, pass, (sc, base)),
+        (None, false) => exp_loop::<L, T, false, false>(l, k, pass, (&mut [], base)),
+        (None, true) => exp_loop::<L, T, false, true>(l, k, pass, (&mut [], base)),
+    }
+}
+
+/// [`exp_pass`]'s loop: `KEEP`, whether it stores the exponentials into
+/// `scratch`; `EXTRA`, whether it adds the sums of label smoothing or of
+/// probability targets (else they stay zero).
+#[inline(always)]
+fn exp_loop<L: Lanes, T: Elem, const KEEP: bool, const EXTRA: bool>(
+    l: L,
+    k: &Consts<L::F>,
+    (x, probs, lo, hi, m): (&[T], Option<&[T]>, usize, usize, L::F),
+    (scratch, base): (&mut [L::F], usize),
 ) -> Sums<L::F> {
     let n = L::N;
     let zero = l.splat(L::F::ZERO);
@@ -227,16 +248,16 @@ fn exp_pass<L: Lanes, T: Elem>(
             let d = l.sub(l.load(&x[i..]), mv);
             let e = l.exp(d);
             bs = l.add(bs, e);
-            if let Some(sc) = scratch.as_deref_mut() {
-                l.store(e, &mut sc[i - base..]);
+            if KEEP {
+                l.store(e, &mut scratch[i - base..]);
             }
-            if k.smooth {
+            if EXTRA && k.smooth {
                 bsm = match w {
                     Some(w) => l.mul_add(l.load(&w[i..]), d, bsm),
                     None => l.add(bsm, d),
                 };
             }
-            if probs.is_some() {
+            if EXTRA && probs.is_some() {
                 let tw = target_weight(l, k, probs, i).unwrap_or(zero);
                 bpa = l.add(bpa, tw);
                 bpb = l.mul_add(tw, d, bpb);
@@ -345,7 +366,8 @@ impl<F: Real> GradConsts<F> {
 
 /// `g = scale * (e k1 - tw)` over `lo..hi` (a multiple of `L::N` long),
 /// with `e` of class `i` from `e[i - base]` (a scratch) or computed again
-/// from the logits.
+/// from the logits. As in [`exp_pass`], the choices that hold for the whole
+/// pass are made once, outside the loop.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
@@ -358,15 +380,42 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     hi: usize,
     gc: GradConsts<L::F>,
 ) {
+    let tw = k.smooth || probs.is_some();
+    let pass = (probs, lo, hi, gc);
+    match (e, tw) {
+        (Some(e), false) => grad_loop::<L, T, A, true, false>(l, k, acc, pass, (e, base)),
+        (Some(e), true) => grad_loop::<L, T, A, true, true>(l, k, acc, pass, (e, base)),
+        (None, false) => grad_loop::<L, T, A, false, false>(l, k, acc, pass, (&[], base)),
+        (None, true) => grad_loop::<L, T, A, false, true>(l, k, acc, pass, (&[], base)),
+    }
+}
+
+/// [`grad_pass`]'s loop: `KEPT`, whether `e` holds the exponentials (else
+/// they are computed again); `TW`, whether there is a target weight `tw`
+/// (label smoothing or probability targets; else it is zero).
+#[inline(always)]
+fn grad_loop<L: Lanes, T: Elem, A: GradAccess<T>, const KEPT: bool, const TW: bool>(
+    l: L,
+    k: &Consts<L::F>,
+    acc: &mut A,
+    (probs, lo, hi, gc): (Option<&[T]>, usize, usize, GradConsts<L::F>),
+    (e, base): (&[L::F], usize),
+) {
     let (mv, k1v, sv) = (l.splat(gc.m), l.splat(gc.k1), l.splat(gc.scale));
     let mut i = lo;
     while i + L::N <= hi {
-        let ev = match e {
-            Some(e) => l.load(&e[i - base..]),
-            None => l.exp(l.sub(l.load(acc.x(i)), mv)),
+        let ev = if KEPT {
+            l.load(&e[i - base..])
+        } else {
+            l.exp(l.sub(l.load(acc.x(i)), mv))
         };
         let p = l.mul(ev, k1v);
-        let gv = match target_weight(l, k, probs, i) {
+        let tw = if TW {
+            target_weight(l, k, probs, i)
+        } else {
+            None
+        };
+        let gv = match tw {
             Some(tw) => l.mul(sv, l.sub(p, tw)),
             None => l.mul(sv, p),
         };
