@@ -380,9 +380,9 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     hi: usize,
     gc: GradConsts<L::F>,
 ) {
-    let tw = k.smooth || probs.is_some();
+    let has_tw = k.smooth || probs.is_some();
     let pass = (probs, lo, hi, gc);
-    match (e, tw) {
+    match (e, has_tw) {
         (Some(e), false) => grad_loop::<L, T, A, true, false>(l, k, acc, pass, (e, base)),
         (Some(e), true) => grad_loop::<L, T, A, true, true>(l, k, acc, pass, (e, base)),
         (None, false) => grad_loop::<L, T, A, false, false>(l, k, acc, pass, (&[], base)),
@@ -550,4 +550,74 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         Io::InPlace(x) => row_gradient(l, k, &mut Same(x), &r, e, gc, parts),
     }
     loss
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::{Compute, Task};
+    use crate::test_util::lcg;
+
+    /// One row's loss and gradient by [`row`], with its exponentials kept
+    /// in a scratch or computed again: the bits of both.
+    struct RowBits<'a> {
+        k: &'a Consts<f32>,
+        x: &'a [f32],
+        r: RowIn<'a, f32, f32>,
+        keep: bool,
+    }
+
+    impl Task<f32> for RowBits<'_> {
+        type Output = Vec<u32>;
+        fn run<L: Lanes<F = f32>>(self, l: L) -> Vec<u32> {
+            let mut g = vec![0.0f32; self.x.len()];
+            let mut sc = vec![f32::NAN; self.x.len()];
+            let scratch = self.keep.then_some(&mut sc[..]);
+            let loss = row(l, self.k, Io::Grad(self.x, &mut g), self.r, scratch);
+            std::iter::once(loss).chain(g).map(f32::to_bits).collect()
+        }
+    }
+
+    /// The four forms of the exponential and gradient loops (a scratch or
+    /// none; smoothing or probability targets, or neither) give a row of
+    /// several pieces the same bits whether its exponentials are kept or
+    /// computed again, with and without class weights.
+    #[test]
+    fn kept_and_recomputed_exponentials_give_the_same_bits() {
+        let c = 2 * PIECE + 37;
+        let mut sd = 9;
+        let x: Vec<f32> = (0..c)
+            .map(|_| (lcg(&mut sd) * 20.0 - 10.0) as f32)
+            .collect();
+        let probs: Vec<f32> = (0..c).map(|_| lcg(&mut sd) as f32 / c as f32).collect();
+        let w: Vec<f64> = (0..c).map(|_| lcg(&mut sd) * 2.0).collect();
+        let class = SampleTarget::Class {
+            y: PIECE + 3,
+            w_y: 0.7,
+        };
+        for weight in [None, Some(&w[..])] {
+            let cases = [
+                (Consts::new(c, weight, 0.0, true, 0.0), class, None),
+                (Consts::new(c, weight, 0.1, true, 0.0), class, None),
+                (
+                    Consts::new(c, weight, 0.2, false, 0.0),
+                    SampleTarget::Probs,
+                    Some(&probs[..]),
+                ),
+            ];
+            for (i, (k, target, probs)) in cases.iter().enumerate() {
+                let bits = |keep| {
+                    let r = RowIn {
+                        target: *target,
+                        probs: *probs,
+                        scale: 0.5,
+                    };
+                    f32::dispatch(RowBits { k, x: &x, r, keep })
+                };
+                let kept = bits(true);
+                assert!(kept.iter().all(|b| f32::from_bits(*b).is_finite()));
+                assert!(kept == bits(false), "case {i}, weight {}", weight.is_some());
+            }
+        }
+    }
 }
