@@ -209,24 +209,16 @@ mod tests {
         let start = values(m * rs);
         let lhs = MatRef::rows(&lhs_t, k, m, m).t();
         let rhs = MatRef::rows(&rhs, k, n, n);
+        type Product = fn(MatMut<'_, f32>, bool, MatRef<'_, f32>, MatRef<'_, f32>, usize);
         for threads in [1, 2] {
             for accumulate in [false, true] {
-                let mut pieces = start.clone();
-                matmul(
-                    MatMut::rows(&mut pieces, m, n, rs),
-                    accumulate,
-                    lhs,
-                    rhs,
-                    threads,
-                );
-                let mut whole = start.clone();
-                matmul_call(
-                    MatMut::rows(&mut whole, m, n, rs),
-                    accumulate,
-                    lhs,
-                    rhs,
-                    threads,
-                );
+                let run = |product: Product| {
+                    let mut out = start.clone();
+                    let dst = MatMut::rows(&mut out, m, n, rs);
+                    product(dst, accumulate, lhs, rhs, threads);
+                    out
+                };
+                let (pieces, whole) = (run(matmul), run(matmul_call));
                 assert!(pieces
                     .iter()
                     .zip(&whole)
