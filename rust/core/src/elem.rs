@@ -24,11 +24,25 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn to_f64(self) -> f64;
     fn from_f32(x: f32) -> Self;
     fn from_f64(x: f64) -> Self;
+    /// `s` as values of the compute type, when this type is its own
+    /// compute type (`f32`, `f64`); else None.
+    fn as_acc_mut(s: &mut [Self]) -> Option<&mut [Self::Acc]> {
+        let _ = s;
+        None
+    }
+    /// Whether this type is its own compute type ([`Elem::as_acc_mut`]).
+    fn is_own_acc() -> bool {
+        Self::as_acc_mut(&mut []).is_some()
+    }
 }
 
 impl Elem for f32 {
     type Acc = f32;
     const KIND: ElemKind = ElemKind::F32;
+    #[inline(always)]
+    fn as_acc_mut(s: &mut [Self]) -> Option<&mut [Self]> {
+        Some(s)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -50,6 +64,10 @@ impl Elem for f32 {
 impl Elem for f64 {
     type Acc = f64;
     const KIND: ElemKind = ElemKind::F64;
+    #[inline(always)]
+    fn as_acc_mut(s: &mut [Self]) -> Option<&mut [Self]> {
+        Some(s)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
@@ -112,7 +130,7 @@ impl Elem for bf16 {
 
 /// The type a kernel computes in: `f32` or `f64`.
 pub trait Real:
-    Elem
+    Elem<Acc = Self>
     + PartialOrd
     + core::ops::Add<Output = Self>
     + core::ops::Sub<Output = Self>

@@ -224,7 +224,7 @@ where
 {
     let c = plan.k.classes;
     let rows_per = rows_per_item(c);
-    let want_grad = io.wants_grad();
+    let want_scratch = io.needs_scratch();
     let ios = io.pieces(rows_per * c);
     let mut loss_chunks: Vec<Option<&mut [O]>> = match out.losses {
         Some(l) => l.chunks_mut(rows_per).map(Some).collect(),
@@ -234,7 +234,7 @@ where
     let items: Vec<_> = ios.into_iter().zip(loss_chunks).enumerate().collect();
     let partials: Vec<f64> = map_items(
         items,
-        || scratch::<T::Acc>(want_grad, c),
+        || scratch::<T::Acc>(want_scratch, c),
         |sc, (j, (io, losses))| {
             let r0 = j * rows_per;
             T::Acc::dispatch(RowTask {

@@ -3,6 +3,8 @@
 //! ([`Logits`], over slices) down to the column kernel (over shared
 //! pointers), so no layer re-encodes it.
 
+use crate::elem::Elem;
+
 /// The logits (`X`, read) and where their gradient goes (`G`, written).
 #[derive(Clone, Copy, Debug)]
 pub enum Io<X, G> {
@@ -32,6 +34,25 @@ impl<'a, T> Io<&'a [T], &'a mut [T]> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether the gradient buffer keeps a row's exponentials between its
+    /// passes, each replaced by its gradient in the second: a separate
+    /// gradient (`Grad`) of a type that is its own compute type.
+    pub(crate) fn keeps_exps_in_grad(&self) -> bool
+    where
+        T: Elem,
+    {
+        matches!(self, Io::Grad(..)) && T::is_own_acc()
+    }
+
+    /// Whether a gradient is to be written whose exponentials need a
+    /// scratch to be kept in.
+    pub(crate) fn needs_scratch(&self) -> bool
+    where
+        T: Elem,
+    {
+        self.wants_grad() && !self.keeps_exps_in_grad()
     }
 
     /// The logits, for reading.

@@ -10,7 +10,7 @@ use super::execute::{map_items, scratch, Outputs};
 use super::io::{Io, Logits};
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
-use crate::kernels::rows::{self, GradConsts, Partial, RowIn, PIECE};
+use crate::kernels::rows::{self, Exps, GradConsts, Partial, RowIn, PIECE};
 use crate::kernels::{Consts, Same, SampleTarget, Separate, Shifted, Sums};
 use crate::simd::{Compute, Lanes, Task};
 
@@ -106,27 +106,27 @@ where
             .collect()
     }
 
-    /// Every piece's gradient, in parallel (from the exponentials in
-    /// `scratch` when there is one).
+    /// Every piece's gradient, in parallel, from the exponentials where
+    /// `exps` says they are (a scratch holds `C` values per row).
     fn gradients(
         self,
         io: Logits<'_, T>,
         rows: &[Concluded<T::Acc>],
         parts: &[Partial<T::Acc>],
-        scratch: Option<&[T::Acc]>,
+        exps: Exps<'_, T::Acc>,
     ) {
         let pieces: Vec<Logits<'_, T>> = io
             .pieces(self.c)
             .into_iter()
             .flat_map(|row| row.pieces(PIECE))
             .collect();
-        let es: Vec<Option<&[T::Acc]>> = match scratch {
-            Some(sc) => sc
+        let es: Vec<Exps<'_, T::Acc>> = match exps {
+            Exps::Kept(sc) => sc
                 .chunks(self.c)
                 .flat_map(|row| row.chunks(PIECE))
-                .map(Some)
+                .map(Exps::Kept)
                 .collect(),
-            None => pieces.iter().map(|_| None).collect(),
+            other => pieces.iter().map(|_| other).collect(),
         };
         let items: Vec<_> = self
             .items
@@ -178,13 +178,22 @@ where
         items,
         per_row: rows::pieces(c).count(),
     };
-    let x = io.input();
-    let mut scratch = scratch::<T::Acc>(io.wants_grad(), io.len());
-    let parts = split.partials(x, scratch.as_deref_mut());
-    let rows = split.conclude(x, &parts);
+    let mut io = io;
+    let in_grad = io.keeps_exps_in_grad();
+    let mut scratch = scratch::<T::Acc>(io.needs_scratch(), io.len());
+    let parts = match &mut io {
+        Io::Grad(x, g) if in_grad => split.partials(x, T::as_acc_mut(g)),
+        io => split.partials(io.input(), scratch.as_deref_mut()),
+    };
+    let rows = split.conclude(io.input(), &parts);
     let total = loss_total(&rows, plan, sample0, rows_per_item, out);
     if io.wants_grad() {
-        split.gradients(io, &rows, &parts, scratch.as_deref());
+        let exps = if in_grad {
+            Exps::InGrad
+        } else {
+            Exps::in_scratch(scratch.as_deref())
+        };
+        split.gradients(io, &rows, &parts, exps);
     }
     total
 }
@@ -277,8 +286,8 @@ struct PieceGrad<'a, T: Elem> {
     gc: GradConsts<T::Acc>,
     part: &'a Partial<T::Acc>,
     p: (usize, usize),
-    /// The piece's exponentials, or None to compute them again.
-    e: Option<&'a [T::Acc]>,
+    /// Where the piece's exponentials are.
+    e: Exps<'a, T::Acc>,
 }
 
 impl<T: Elem> Task<T::Acc> for PieceGrad<'_, T> {

@@ -364,9 +364,44 @@ impl<F: Real> GradConsts<F> {
     }
 }
 
+/// Where the gradient pass finds a row's exponentials, which the first
+/// pass kept (the same bits as computed again).
+#[derive(Clone, Copy)]
+pub(crate) enum Exps<'e, F> {
+    /// Nowhere: computed again from the logits.
+    Again,
+    /// In a scratch (`e[0]` is the first class of the row or piece).
+    Kept(&'e [F]),
+    /// In the gradient buffer, where the pass replaces each by its
+    /// gradient ([`Io::keeps_exps_in_grad`]).
+    InGrad,
+}
+
+impl<'e, F> Exps<'e, F> {
+    /// In `scratch` when there is one, else computed again.
+    #[inline(always)]
+    pub(crate) fn in_scratch(scratch: Option<&'e [F]>) -> Self {
+        scratch.map_or(Exps::Again, Exps::Kept)
+    }
+
+    /// The exponentials of the classes `p` of a row (`e[0]` becomes class `p.0`).
+    #[inline(always)]
+    pub(crate) fn piece(self, p: (usize, usize)) -> Self {
+        match self {
+            Exps::Kept(e) => Exps::Kept(&e[p.0..p.1]),
+            other => other,
+        }
+    }
+}
+
+/// [`grad_loop`]'s forms of [`Exps`].
+const AGAIN: u8 = 0;
+const KEPT: u8 = 1;
+const IN_GRAD: u8 = 2;
+
 /// `g = scale * (e k1 - tw)` over `lo..hi` (a multiple of `L::N` long),
-/// with `e` of class `i` from `e[i - base]` (a scratch) or computed again
-/// from the logits. As in [`exp_pass`], the choices that hold for the whole
+/// with `e` of class `i` from where `e` says (a scratch holds it at
+/// `i - base`). As in [`exp_pass`], the choices that hold for the whole
 /// pass are made once, outside the loop.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -375,7 +410,7 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     k: &Consts<L::F>,
     acc: &mut A,
     probs: Option<&[T]>,
-    (e, base): (Option<&[L::F]>, usize),
+    (e, base): (Exps<'_, L::F>, usize),
     lo: usize,
     hi: usize,
     gc: GradConsts<L::F>,
@@ -383,18 +418,21 @@ fn grad_pass<L: Lanes, T: Elem, A: GradAccess<T>>(
     let has_tw = k.smooth || probs.is_some();
     let pass = (probs, lo, hi, gc);
     match (e, has_tw) {
-        (Some(e), false) => grad_loop::<L, T, A, true, false>(l, k, acc, pass, (e, base)),
-        (Some(e), true) => grad_loop::<L, T, A, true, true>(l, k, acc, pass, (e, base)),
-        (None, false) => grad_loop::<L, T, A, false, false>(l, k, acc, pass, (&[], base)),
-        (None, true) => grad_loop::<L, T, A, false, true>(l, k, acc, pass, (&[], base)),
+        (Exps::Kept(e), false) => grad_loop::<L, T, A, KEPT, false>(l, k, acc, pass, (e, base)),
+        (Exps::Kept(e), true) => grad_loop::<L, T, A, KEPT, true>(l, k, acc, pass, (e, base)),
+        (Exps::InGrad, false) => grad_loop::<L, T, A, IN_GRAD, false>(l, k, acc, pass, (&[], 0)),
+        (Exps::InGrad, true) => grad_loop::<L, T, A, IN_GRAD, true>(l, k, acc, pass, (&[], 0)),
+        (Exps::Again, false) => grad_loop::<L, T, A, AGAIN, false>(l, k, acc, pass, (&[], 0)),
+        (Exps::Again, true) => grad_loop::<L, T, A, AGAIN, true>(l, k, acc, pass, (&[], 0)),
     }
 }
 
-/// [`grad_pass`]'s loop: `KEPT`, whether `e` holds the exponentials (else
-/// they are computed again); `TW`, whether there is a target weight `tw`
-/// (label smoothing or probability targets; else it is zero).
+/// [`grad_pass`]'s loop: `FROM`, where the exponentials are (`KEPT` in
+/// `e`, `IN_GRAD` in the gradient buffer, or computed `AGAIN`); `TW`,
+/// whether there is a target weight `tw` (label smoothing or probability
+/// targets; else it is zero).
 #[inline(always)]
-fn grad_loop<L: Lanes, T: Elem, A: GradAccess<T>, const KEPT: bool, const TW: bool>(
+fn grad_loop<L: Lanes, T: Elem, A: GradAccess<T>, const FROM: u8, const TW: bool>(
     l: L,
     k: &Consts<L::F>,
     acc: &mut A,
@@ -404,10 +442,10 @@ fn grad_loop<L: Lanes, T: Elem, A: GradAccess<T>, const KEPT: bool, const TW: bo
     let (mv, k1v, sv) = (l.splat(gc.m), l.splat(gc.k1), l.splat(gc.scale));
     let mut i = lo;
     while i + L::N <= hi {
-        let ev = if KEPT {
-            l.load(&e[i - base..])
-        } else {
-            l.exp(l.sub(l.load(acc.x(i)), mv))
+        let ev = match FROM {
+            KEPT => l.load(&e[i - base..]),
+            IN_GRAD => l.load(&*acc.g(i)),
+            _ => l.exp(l.sub(l.load(acc.x(i)), mv)),
         };
         let p = l.mul(ev, k1v);
         let tw = if TW {
@@ -444,8 +482,8 @@ pub(crate) fn exp_at<L: Lanes, T: Elem>(l: L, x: &[T], body: usize, i: usize, m:
 
 /// The gradient of the piece `p` of a row: both passes, then the target
 /// class's own gradient when it lies in the piece. `gc`: the row's
-/// constants, moved to the piece's partial `part`. `e`: the piece's
-/// exponentials (`e[0]` is class `p.0`), or None to compute them again.
+/// constants, moved to the piece's partial `part`. `e`: where the piece's
+/// exponentials are (a scratch's `e[0]` is class `p.0`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn piece_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
@@ -453,7 +491,7 @@ pub(crate) fn piece_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     k: &Consts<L::F>,
     acc: &mut A,
     r: &RowIn<'_, T, L::F>,
-    e: Option<&[L::F]>,
+    e: Exps<'_, L::F>,
     (gc, part): (GradConsts<L::F>, &Partial<L::F>),
     p: (usize, usize),
 ) {
@@ -504,33 +542,47 @@ fn row_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     k: &Consts<L::F>,
     acc: &mut A,
     r: &RowIn<'_, T, L::F>,
-    e: Option<&[L::F]>,
+    e: Exps<'_, L::F>,
     gc: GradConsts<L::F>,
     parts: &[Partial<L::F>],
 ) {
     for (p, part) in pieces(k.classes).zip(parts) {
-        let e = e.map(|e| &e[p.0..p.1]);
-        piece_gradient(l, k, acc, r, e, (gc, part), p);
+        piece_gradient(l, k, acc, r, e.piece(p), (gc, part), p);
     }
 }
 
-/// Loss of one row; writes its gradient when `io` asks for one. `scratch`
-/// (room for `C` values) keeps the exponentials between the passes; without
-/// it they are computed again (same bits).
+/// The row `x`'s loss and gradient constants, from the partials of its
+/// pieces (into `parts`); the exponentials into `keep` when given.
 #[inline(always)]
-pub(crate) fn row<L: Lanes, T: Elem>(
+fn row_partials<L: Lanes, T: Elem>(
+    l: L,
+    k: &Consts<L::F>,
+    x: &[T],
+    r: &RowIn<'_, T, L::F>,
+    parts: &mut [Partial<L::F>],
+    keep: Option<&mut [L::F]>,
+) -> (L::F, GradConsts<L::F>) {
+    fill_partials(l, k, (x, r.probs), parts, keep);
+    let e_y = target_exp(l, x, r.target, parts);
+    conclude(k, r, x, join(l, k, parts), e_y)
+}
+
+/// Loss of one row; writes its gradient when `io` asks for one. The
+/// exponentials are kept between the passes in the gradient buffer when
+/// `io` keeps them there ([`Io::keeps_exps_in_grad`]), else in `scratch`
+/// (room for `C` values) when given; else computed again (same bits).
+#[inline(always)]
+pub(crate) fn row<L: Lanes, T: Elem<Acc = L::F>>(
     l: L,
     k: &Consts<L::F>,
     io: Logits<'_, T>,
     r: RowIn<'_, T, L::F>,
-    scratch: Option<&mut [L::F]>,
+    mut scratch: Option<&mut [L::F]>,
 ) -> L::F {
     let c = k.classes;
     if matches!(r.target, SampleTarget::Ignored) && !io.wants_grad() {
         return L::F::ZERO;
     }
-    let mut scratch = if io.wants_grad() { scratch } else { None };
-    let x = &io.input()[..c];
     // a row of one piece (most rows) keeps its partial on the stack
     let (mut one, mut many) = ([Partial::EMPTY], Vec::new());
     let parts: &mut [Partial<L::F>] = if c <= PIECE {
@@ -539,17 +591,37 @@ pub(crate) fn row<L: Lanes, T: Elem>(
         many.resize(c.div_ceil(PIECE), Partial::EMPTY);
         &mut many
     };
-    fill_partials(l, k, (x, r.probs), parts, scratch.as_deref_mut());
-    let parts = &*parts;
-    let e_y = target_exp(l, x, r.target, parts);
-    let (loss, gc) = conclude(k, &r, x, join(l, k, parts), e_y);
-    let e = scratch.as_deref();
     match io {
-        Io::Forward(_) => {}
-        Io::Grad(x, g) => row_gradient(l, k, &mut Separate(x, g), &r, e, gc, parts),
-        Io::InPlace(x) => row_gradient(l, k, &mut Same(x), &r, e, gc, parts),
+        Io::Forward(x) => row_partials(l, k, &x[..c], &r, parts, None).0,
+        Io::Grad(x, g) => {
+            let x = &x[..c];
+            let (loss, gc, e) = match T::as_acc_mut(&mut *g) {
+                Some(ge) => {
+                    let (loss, gc) = row_partials(l, k, x, &r, parts, Some(&mut ge[..c]));
+                    (loss, gc, Exps::InGrad)
+                }
+                None => {
+                    let (loss, gc) = row_partials(l, k, x, &r, parts, scratch.as_deref_mut());
+                    (loss, gc, Exps::in_scratch(scratch.as_deref()))
+                }
+            };
+            row_gradient(l, k, &mut Separate(x, g), &r, e, gc, parts);
+            loss
+        }
+        Io::InPlace(x) => {
+            let (loss, gc) = row_partials(l, k, &x[..c], &r, parts, scratch.as_deref_mut());
+            row_gradient(
+                l,
+                k,
+                &mut Same(x),
+                &r,
+                Exps::in_scratch(scratch.as_deref()),
+                gc,
+                parts,
+            );
+            loss
+        }
     }
-    loss
 }
 
 #[cfg(test)]
@@ -558,32 +630,49 @@ mod tests {
     use crate::simd::{Compute, Task};
     use crate::test_util::lcg;
 
+    /// Where a row's exponentials are kept between its passes.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Keep {
+        InGrad,
+        Scratch,
+        Nowhere,
+    }
+
     /// One row's loss and gradient by [`row`], with its exponentials kept
-    /// in a scratch or computed again: the bits of both.
+    /// where `keep` says (the gradient written over the logits for a
+    /// scratch or none: a separate float32 gradient keeps them itself).
     struct RowBits<'a> {
         k: &'a Consts<f32>,
         x: &'a [f32],
         r: RowIn<'a, f32, f32>,
-        keep: bool,
+        keep: Keep,
     }
 
     impl Task<f32> for RowBits<'_> {
         type Output = Vec<u32>;
         fn run<L: Lanes<F = f32>>(self, l: L) -> Vec<u32> {
-            let mut g = vec![0.0f32; self.x.len()];
+            let mut g = vec![f32::NAN; self.x.len()];
             let mut sc = vec![f32::NAN; self.x.len()];
-            let scratch = self.keep.then_some(&mut sc[..]);
-            let loss = row(l, self.k, Io::Grad(self.x, &mut g), self.r, scratch);
+            let (io, scratch) = match self.keep {
+                Keep::InGrad => (Io::Grad(self.x, &mut g[..]), None),
+                Keep::Scratch | Keep::Nowhere => {
+                    g.copy_from_slice(self.x);
+                    let sc = (self.keep == Keep::Scratch).then_some(&mut sc[..]);
+                    (Io::InPlace(&mut g[..]), sc)
+                }
+            };
+            assert_eq!(io.keeps_exps_in_grad(), self.keep == Keep::InGrad);
+            let loss = row(l, self.k, io, self.r, scratch);
             std::iter::once(loss).chain(g).map(f32::to_bits).collect()
         }
     }
 
-    /// The four forms of the exponential and gradient loops (a scratch or
-    /// none; smoothing or probability targets, or neither) give a row of
-    /// several pieces the same bits whether its exponentials are kept or
-    /// computed again, with and without class weights.
+    /// The six forms of the gradient loop (exponentials in the gradient, in
+    /// a scratch or computed again; smoothing or probability targets, or
+    /// neither) and the four of the exponentials' loop give a row of
+    /// several pieces the same bits, with and without class weights.
     #[test]
-    fn kept_and_recomputed_exponentials_give_the_same_bits() {
+    fn exponentials_in_the_gradient_a_scratch_or_none_give_the_same_bits() {
         let c = 2 * PIECE + 37;
         let mut sd = 9;
         let x: Vec<f32> = (0..c)
@@ -614,9 +703,12 @@ mod tests {
                     };
                     f32::dispatch(RowBits { k, x: &x, r, keep })
                 };
-                let kept = bits(true);
-                assert!(kept.iter().all(|b| f32::from_bits(*b).is_finite()));
-                assert!(kept == bits(false), "case {i}, weight {}", weight.is_some());
+                let in_grad = bits(Keep::InGrad);
+                assert!(in_grad.iter().all(|b| f32::from_bits(*b).is_finite()));
+                for keep in [Keep::Scratch, Keep::Nowhere] {
+                    let w = weight.is_some();
+                    assert!(bits(keep) == in_grad, "case {i}, {keep:?}, weight {w}");
+                }
             }
         }
     }
