@@ -1,18 +1,31 @@
 //! A few long rows split across the pool by their pieces (`rows::pieces`,
-//! fixed by `C`): every piece's partial (its maximum and its sums from it;
-//! the exponentials kept in a scratch row, as one thread keeps them), in
-//! parallel; each row's partials joined in piece order; every piece's
-//! gradient, in parallel. Each step is the row kernel's own arithmetic on
-//! the same pieces, so a row gives here the bits it gives on one thread,
-//! alone or in any batch.
+//! fixed by `C`), in one parallel region. Its threads claim shares of the
+//! pieces (runs of consecutive pieces, one share per thread) and take each
+//! piece's partial (its maximum and its sums from it; the exponentials
+//! kept as the row kernel keeps them); the thread that finishes the last
+//! partial joins each row's partials in piece order; then each thread
+//! takes the gradients of the pieces it took, whose logits and
+//! exponentials are in its cache. Each step is the row kernel's own
+//! arithmetic on the same pieces, so a row gives here the bits it gives on
+//! one thread, alone or in any batch.
+//!
+//! The threads wait for each other by spinning (then yielding, after some
+//! thousand spins), not in the pool: a thread waiting in the pool yields to
+//! the OS between looks, which cost about a microsecond at each end of
+//! each pass here.
 
-use super::execute::{map_items, scratch, Outputs};
+use super::execute::{scratch, Outputs};
 use super::io::{Io, Logits};
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
+use crate::kernels::columns::{Shared, SharedIo};
 use crate::kernels::rows::{self, Exps, GradConsts, Partial, RowIn, PIECE};
 use crate::kernels::{Consts, Same, SampleTarget, Separate, Shifted, Sums};
 use crate::simd::{Compute, Lanes, Task};
+use rayon::prelude::*;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 /// Whether `rows` rows of `c` classes, in a call that may run in parallel,
 /// are fewer than its pool's threads and long enough to split (only the
@@ -43,10 +56,6 @@ impl<'a, T: Elem> Split<'a, '_, T>
 where
     T::Acc: Compute,
 {
-    fn row_x<'x>(&self, x: &'x [T], r: usize) -> &'x [T] {
-        &x[r * self.c..(r + 1) * self.c]
-    }
-
     fn row_in(&self, r: usize) -> RowIn<'a, T, T::Acc> {
         let (c, i) = (self.c, self.sample0 + r);
         RowIn {
@@ -56,44 +65,22 @@ where
         }
     }
 
-    /// Every piece's partial, in parallel, piece by piece of row after
-    /// row; their exponentials into `scratch` (`C` values per row) when
-    /// there is one.
-    fn partials(&self, x: &[T], scratch: Option<&mut [T::Acc]>) -> Vec<Partial<T::Acc>> {
-        let k = &self.plan.k;
-        let slices: Vec<Option<&mut [T::Acc]>> = match scratch {
-            Some(sc) => sc
-                .chunks_mut(self.c)
-                .flat_map(|row| row.chunks_mut(PIECE))
-                .map(Some)
-                .collect(),
-            None => self.items.iter().map(|_| None).collect(),
-        };
-        let items: Vec<_> = self.items.iter().copied().zip(slices).collect();
-        map_items(
-            items,
-            || (),
-            |_, ((r, p), scratch)| {
-                T::Acc::dispatch(PiecePartial {
-                    k,
-                    x: self.row_x(x, r),
-                    probs: self.row_in(r).probs,
-                    p,
-                    scratch,
-                })
-            },
-        )
+    /// Where the item `i`'s classes start among the rows' logits, and how
+    /// many it has.
+    fn span(&self, i: usize) -> (usize, usize) {
+        let (r, p) = self.items[i];
+        (r * self.c + p.0, p.1 - p.0)
     }
 
     /// Every row's loss and gradient constants, from its pieces' partials
-    /// joined in piece order.
+    /// joined in piece order (`x`: the rows' logits).
     fn conclude(&self, x: &[T], parts: &[Partial<T::Acc>]) -> Vec<Concluded<T::Acc>> {
         let k = &self.plan.k;
         parts
             .chunks(self.per_row)
             .enumerate()
             .map(|(r, parts)| {
-                let (x, r_in) = (self.row_x(x, r), self.row_in(r));
+                let (x, r_in) = (&x[r * self.c..(r + 1) * self.c], self.row_in(r));
                 let (joined, e_y) = T::Acc::dispatch(RowJoin {
                     k,
                     x,
@@ -105,51 +92,189 @@ where
             })
             .collect()
     }
+}
 
-    /// Every piece's gradient, in parallel, from the exponentials where
-    /// `exps` says they are (a scratch holds `C` values per row).
-    fn gradients(
-        self,
-        io: Logits<'_, T>,
-        rows: &[Concluded<T::Acc>],
-        parts: &[Partial<T::Acc>],
-        exps: Exps<'_, T::Acc>,
-    ) {
-        let pieces: Vec<Logits<'_, T>> = io
-            .pieces(self.c)
-            .into_iter()
-            .flat_map(|row| row.pieces(PIECE))
-            .collect();
-        let es: Vec<Exps<'_, T::Acc>> = match exps {
-            Exps::Kept(sc) => sc
-                .chunks(self.c)
-                .flat_map(|row| row.chunks(PIECE))
-                .map(Exps::Kept)
-                .collect(),
-            other => pieces.iter().map(|_| other).collect(),
+/// The one parallel region of a call's split rows (see the module's
+/// documentation). The buffers are shared by pointer: a thread writes only
+/// the gradient and scratch of the pieces of the shares it claimed; the
+/// logits are read by every thread, and written (a gradient in place) only
+/// after every partial is taken and the rows are concluded.
+struct Region<'s, 'a, 'p, T: Elem> {
+    split: &'s Split<'a, 'p, T>,
+    io: SharedIo<T>,
+    /// Keeps the exponentials when the gradient does not
+    /// ([`Io::keeps_exps_in_grad`]); `C` values per row.
+    scratch: Option<Shared<T::Acc>>,
+    in_grad: bool,
+    shares: usize,
+    shares_claimed: AtomicUsize,
+    parts: Vec<OnceLock<Partial<T::Acc>>>,
+    parts_done: AtomicUsize,
+    conclusion: OnceLock<Vec<Concluded<T::Acc>>>,
+    grads_done: AtomicUsize,
+    failed: AtomicBool,
+}
+
+/// Marks its region failed if its thread unwinds, so no other thread waits
+/// for it.
+struct FailOnUnwind<'f>(&'f AtomicBool);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl<T: Elem> Region<'_, '_, '_, T>
+where
+    T::Acc: Compute,
+{
+    /// The items of the share `s`: a run of consecutive pieces.
+    fn share(&self, s: usize) -> Range<usize> {
+        let n = self.parts.len();
+        s * n / self.shares..(s + 1) * n / self.shares
+    }
+
+    /// One thread's part: the partials of the shares it claims while there
+    /// are, then (once the rows are concluded) their gradients; returns
+    /// when every share is done, or at once if it claimed none.
+    fn work(&self) {
+        let _unwind = FailOnUnwind(&self.failed);
+        let mut mine = Vec::new();
+        loop {
+            let s = self.shares_claimed.fetch_add(1, Ordering::Relaxed);
+            if s >= self.shares {
+                break;
+            }
+            for i in self.share(s) {
+                let _ = self.parts[i].set(self.partial(i));
+            }
+            mine.push(s);
+            let len = self.share(s).len();
+            let done = self.parts_done.fetch_add(len, Ordering::AcqRel) + len;
+            if done == self.parts.len() {
+                self.conclude();
+            }
+        }
+        if mine.is_empty() {
+            return;
+        }
+        if !self.io.wants_grad() {
+            self.wait_until(|| self.parts_done.load(Ordering::Acquire) == self.parts.len());
+            return;
+        }
+        if !self.wait_until(|| self.conclusion.get().is_some()) {
+            return;
+        }
+        for &s in &mine {
+            for i in self.share(s) {
+                self.gradient(i);
+            }
+        }
+        self.grads_done.fetch_add(mine.len(), Ordering::AcqRel);
+        self.wait_until(|| self.grads_done.load(Ordering::Acquire) == self.shares);
+    }
+
+    /// Spins until `done()`, then true; false (at once) if another thread
+    /// of the region unwound. Every thread waited on is running: a share
+    /// is claimed only by a thread that takes it.
+    fn wait_until(&self, done: impl Fn() -> bool) -> bool {
+        let mut spins = 0u32;
+        while !done() {
+            if self.failed.load(Ordering::Acquire) {
+                return false;
+            }
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        true
+    }
+
+    /// The rows' logits: read-only until the rows are concluded.
+    fn logits(&self) -> &[T] {
+        let x = match &self.io {
+            Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
         };
-        let items: Vec<_> = self
-            .items
-            .iter()
-            .copied()
-            .zip(parts)
-            .zip(pieces.into_iter().zip(es))
-            .collect();
-        map_items(
-            items,
-            || (),
-            |_, (((r, p), part), (io, e))| {
-                T::Acc::dispatch(PieceGrad {
-                    k: &self.plan.k,
-                    io,
-                    r: self.row_in(r),
-                    gc: rows[r].gc,
-                    part,
-                    p,
-                    e,
-                })
-            },
-        );
+        // SAFETY: nothing writes the logits before every partial is taken
+        // and the rows are concluded (the gradient in place is written
+        // only after), and the references made here do not outlive the
+        // partials and the conclusion.
+        unsafe { x.get(0, x.len()) }
+    }
+
+    /// The item `i`'s partial; its exponentials into its part of the
+    /// gradient or scratch, when a gradient is wanted.
+    fn partial(&self, i: usize) -> Partial<T::Acc> {
+        let (r, p) = self.split.items[i];
+        let (at, len) = self.split.span(i);
+        let c = self.split.c;
+        // SAFETY: the item's part of the gradient and scratch is written by
+        // the one thread that claimed its share, and by nothing else.
+        let keep: Option<&mut [T::Acc]> = match (&self.io, &self.scratch) {
+            (Io::Grad(_, g), _) if self.in_grad => T::as_acc_mut(unsafe { g.get_mut(at, len) }),
+            (Io::Forward(_), _) => None,
+            (_, Some(sc)) => Some(unsafe { sc.get_mut(at, len) }),
+            (_, None) => None,
+        };
+        T::Acc::dispatch(PiecePartial {
+            k: &self.split.plan.k,
+            x: &self.logits()[r * c..(r + 1) * c],
+            probs: self.split.row_in(r).probs,
+            p,
+            scratch: keep,
+        })
+    }
+
+    /// Joins the rows' partials, all taken.
+    fn conclude(&self) {
+        let parts: Option<Vec<Partial<T::Acc>>> =
+            self.parts.iter().map(|p| p.get().copied()).collect();
+        if let Some(parts) = parts {
+            let _ = self
+                .conclusion
+                .set(self.split.conclude(self.logits(), &parts));
+        }
+    }
+
+    /// The item `i`'s gradient, once the rows are concluded.
+    fn gradient(&self, i: usize) {
+        let (Some(rows), Some(part)) = (self.conclusion.get(), self.parts[i].get()) else {
+            return;
+        };
+        let (r, p) = self.split.items[i];
+        let (at, len) = self.split.span(i);
+        // SAFETY: the item's classes of the gradient (and of the logits, for
+        // a gradient in place) are written by the one thread that claimed
+        // its share, after the conclusion, when no other reference to them
+        // is left; its scratch was written before the conclusion.
+        let (io, e) = unsafe {
+            let io: Logits<'_, T> = match &self.io {
+                Io::Forward(_) => return,
+                Io::Grad(x, g) => Io::Grad(x.get(at, len), g.get_mut(at, len)),
+                Io::InPlace(x) => Io::InPlace(x.get_mut(at, len)),
+            };
+            let e = match &self.scratch {
+                _ if self.in_grad => Exps::InGrad,
+                Some(sc) => Exps::Kept(sc.get(at, len)),
+                None => Exps::Again,
+            };
+            (io, e)
+        };
+        T::Acc::dispatch(PieceGrad {
+            k: &self.split.plan.k,
+            io,
+            r: self.split.row_in(r),
+            gc: rows[r].gc,
+            part,
+            p,
+            e,
+        });
     }
 }
 
@@ -175,27 +300,32 @@ where
         sample0,
         probs,
         c,
-        items,
         per_row: rows::pieces(c).count(),
+        items,
     };
-    let mut io = io;
+    let n = split.items.len();
+    let shares = rayon::current_num_threads().clamp(1, n);
     let in_grad = io.keeps_exps_in_grad();
     let mut scratch = scratch::<T::Acc>(io.needs_scratch(), io.len());
-    let parts = match &mut io {
-        Io::Grad(x, g) if in_grad => split.partials(x, T::as_acc_mut(g)),
-        io => split.partials(io.input(), scratch.as_deref_mut()),
+    let region = Region {
+        split: &split,
+        io: SharedIo::from_logits(io),
+        scratch: scratch.as_deref_mut().map(Shared::new),
+        in_grad,
+        shares,
+        shares_claimed: AtomicUsize::new(0),
+        parts: (0..n).map(|_| OnceLock::new()).collect(),
+        parts_done: AtomicUsize::new(0),
+        conclusion: OnceLock::new(),
+        grads_done: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
     };
-    let rows = split.conclude(io.input(), &parts);
-    let total = loss_total(&rows, plan, sample0, rows_per_item, out);
-    if io.wants_grad() {
-        let exps = if in_grad {
-            Exps::InGrad
-        } else {
-            Exps::in_scratch(scratch.as_deref())
-        };
-        split.gradients(io, &rows, &parts, exps);
-    }
-    total
+    (0..shares).into_par_iter().for_each(|_| region.work());
+    let rows = region
+        .conclusion
+        .into_inner()
+        .expect("every share was taken, so the rows were concluded");
+    loss_total(&rows, plan, sample0, rows_per_item, out)
 }
 
 /// Writes the losses and returns their sum: in `f64`, `rows_per_item` rows
@@ -324,28 +454,43 @@ mod tests {
     use crate::test_util::lcg;
     use crate::threads::with_threads;
 
-    /// Per-row losses and the gradient of `rows` rows, on `threads` threads.
-    fn run(p: &CrossEntropy<'_, f32>, x: &[f32], threads: usize, in_place: bool) -> Vec<u32> {
+    /// What a call computes: the losses, or their gradient as well (into
+    /// a separate buffer, or over the logits).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Out {
+        Loss,
+        Grad,
+        InPlace,
+    }
+
+    /// The bits of the per-row losses of `rows` rows, then of their
+    /// gradient unless `out` is `Loss`, on `threads` threads.
+    fn run(p: &CrossEntropy<'_, f32>, x: &[f32], threads: usize, out: Out) -> Vec<u32> {
         let mut loss = vec![0.0f32; p.batch];
-        let mut g = vec![0.0f32; x.len()];
-        let io = if in_place {
-            g.copy_from_slice(x);
-            Logits::InPlace(&mut g)
-        } else {
-            Logits::Grad(x, &mut g)
+        let mut g = vec![f32::NAN; x.len()];
+        let io = match out {
+            Out::Loss => Logits::Forward(x),
+            Out::Grad => Logits::Grad(x, &mut g),
+            Out::InPlace => {
+                g.copy_from_slice(x);
+                Logits::InPlace(&mut g)
+            }
         };
         with_threads(threads, || {
             cross_entropy(p, io, GradOutput::Scalar(1.0), Some(&mut loss))
         })
         .unwrap()
         .unwrap();
-        loss.iter().chain(&g).map(|v| v.to_bits()).collect()
+        let grad = if out == Out::Loss { &[][..] } else { &g[..] };
+        loss.iter().chain(grad).map(|v| v.to_bits()).collect()
     }
 
     /// A long row gives the same bits alone on 1, 2 or 3 threads (split by
     /// pieces on more than one) and inside a batch (one row per thread),
     /// with each kind of target and option, and pieces whose maxima differ
-    /// from the row's (or are -inf).
+    /// from the row's (or are -inf); its loss alone, its gradient into a
+    /// separate buffer (which keeps the exponentials) and over the logits
+    /// (a scratch keeps them).
     #[test]
     fn a_long_row_is_the_same_split_or_whole_alone_or_in_a_batch() {
         let (n, c) = (4, 4 * PIECE + 37);
@@ -393,8 +538,7 @@ mod tests {
             },
         ];
         for (i, p) in cases.iter().enumerate() {
-            let batch = run(p, &x, 1, i % 2 == 1);
-            let per = 1 + c;
+            let batch = run(p, &x, 1, [Out::Grad, Out::InPlace][i % 2]);
             for r in 0..n {
                 let row = CrossEntropy {
                     batch: 1,
@@ -408,9 +552,15 @@ mod tests {
                     .chain(batch[n + r * c..n + (r + 1) * c].iter().copied())
                     .collect();
                 for threads in [1, 2, 3] {
-                    let got = run(&row, &x[r * c..(r + 1) * c], threads, i % 2 == 0);
-                    assert_eq!(got.len(), per);
-                    assert!(got == want, "case {i}, row {r}, {threads} threads");
+                    for out in [Out::Loss, Out::Grad, Out::InPlace] {
+                        let got = run(&row, &x[r * c..(r + 1) * c], threads, out);
+                        let want = if out == Out::Loss {
+                            &want[..1]
+                        } else {
+                            &want[..]
+                        };
+                        assert!(got == want, "case {i}, row {r}, {threads} threads, {out:?}");
+                    }
                 }
             }
         }

@@ -41,6 +41,9 @@ impl<T> Shared<T> {
             len: s.len(),
         }
     }
+    pub fn len(&self) -> usize {
+        self.len
+    }
     /// # Safety
     /// No thread writes `[at, at + n)` while the returned slice lives.
     #[inline(always)]
