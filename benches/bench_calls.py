@@ -1,6 +1,7 @@
 """Per-call time of small calls (the fixed cost: argument handling, the
 request, the FFI, thread dispatch), of single long rows on 1 and 2 threads
-(a row split across the threads by fixed pieces of classes), and of two
+(a row split across the threads by fixed pieces of classes; the four
+measurements of a row take turns, round by round), and of two
 large calls, beside PyTorch eager, torch.compile and JAX jit where they
 compute the same thing, for whichever fusedce build is importable (run it
 once per build to compare builds).
@@ -15,7 +16,7 @@ import contextlib
 import json
 import statistics
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -33,6 +34,26 @@ def per_call(fn, reps: int, rounds: int = 5) -> float:
             fn()
         out.append((time.perf_counter() - t0) / reps)
     return statistics.median(out)
+
+
+def alternating(calls: Dict[str, Tuple[int, Callable[[], Any]]], reps: int,
+                rounds: int = 11) -> Dict[str, float]:
+    """For each of ``calls`` (a thread count and a call): the median over
+    rounds of the mean time of ``reps`` back-to-back calls (s). The calls take
+    turns within each round, so a slow spell of a shared machine falls on
+    all of them alike rather than on whichever ran then."""
+    times: Dict[str, list] = {k: [] for k in calls}
+    for n, fn in calls.values():
+        with fusedce.threads(n):
+            fn()
+    for _ in range(rounds):
+        for k, (n, fn) in calls.items():
+            with fusedce.threads(n):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times[k].append((time.perf_counter() - t0) / reps)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def ce_peers(x: np.ndarray, t: np.ndarray) -> Dict[str, Optional[Callable[[], Any]]]:
@@ -107,10 +128,11 @@ def main() -> None:
         xr = rng.normal(size=(1, c)).astype(np.float32) * 3
         tr = np.array([c // 3])
         g = np.empty_like(xr)
+        kinds = {"fwd": lambda: fusedce.cross_entropy(xr, tr),
+                 "fwd+grad": lambda: fusedce.cross_entropy(xr, tr, return_grad=True, grad_out=g)}
+        took = alternating({f"{n} {k}": (n, f) for n in (1, 2) for k, f in kinds.items()}, a.reps // 8)
         for n in (1, 2):
-            with fusedce.threads(n):
-                fwd = per_call(lambda: fusedce.cross_entropy(xr, tr), a.reps // 8)
-                both = per_call(lambda: fusedce.cross_entropy(xr, tr, return_grad=True, grad_out=g), a.reps // 8)
+            fwd, both = took[f"{n} fwd"], took[f"{n} fwd+grad"]
             res[f"ce (1, {c}) on {n} threads"] = {"fwd": fwd, "fwd+grad": both}
             print(f"| (1, {c}) | {n} | {fwd * 1e6:.1f} | {both * 1e6:.1f} |")
         one, two = res[f"ce (1, {c}) on 1 threads"], res[f"ce (1, {c}) on 2 threads"]
