@@ -41,6 +41,7 @@ impl<T> Shared<T> {
             len: s.len(),
         }
     }
+    /// The number of values.
     pub fn len(&self) -> usize {
         self.len
     }
