@@ -46,13 +46,23 @@ impl<'a, T> Io<&'a [T], &'a mut [T]> {
         matches!(self, Io::Grad(..)) && T::is_own_acc()
     }
 
+    /// Whether the logits keep a row's exponentials over themselves
+    /// between its passes, each replaced by its gradient in the second: a
+    /// gradient in place (`InPlace`) of a type that is its own compute type.
+    pub(crate) fn keeps_exps_over_logits(&self) -> bool
+    where
+        T: Elem,
+    {
+        matches!(self, Io::InPlace(..)) && T::is_own_acc()
+    }
+
     /// Whether a gradient is to be written whose exponentials need a
     /// scratch to be kept in.
     pub(crate) fn needs_scratch(&self) -> bool
     where
         T: Elem,
     {
-        self.wants_grad() && !self.keeps_exps_in_grad()
+        self.wants_grad() && !self.keeps_exps_in_grad() && !self.keeps_exps_over_logits()
     }
 
     /// The logits, for reading.

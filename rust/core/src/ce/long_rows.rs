@@ -19,7 +19,7 @@ use super::io::{Io, Logits};
 use super::plan::Plan;
 use crate::elem::{Elem, Real};
 use crate::kernels::columns::{Shared, SharedIo};
-use crate::kernels::rows::{self, Exps, GradConsts, Partial, RowIn, PIECE};
+use crate::kernels::rows::{self, Exps, GradConsts, Keep, Partial, RowIn, PIECE};
 use crate::kernels::{Consts, Same, SampleTarget, Separate, Shifted, Sums};
 use crate::simd::{Compute, Lanes, Task};
 use rayon::prelude::*;
@@ -73,21 +73,34 @@ where
     }
 
     /// Every row's loss and gradient constants, from its pieces' partials
-    /// joined in piece order (`x`: the rows' logits).
-    fn conclude(&self, x: &[T], parts: &[Partial<T::Acc>]) -> Vec<Concluded<T::Acc>> {
+    /// joined in piece order. `x`: the rows' logits; or, with `x_ys` (each
+    /// row's target logit, read before the partials), the exponentials
+    /// kept over them.
+    fn conclude(
+        &self,
+        x: &[T],
+        parts: &[Partial<T::Acc>],
+        x_ys: Option<&[T::Acc]>,
+    ) -> Vec<Concluded<T::Acc>> {
         let k = &self.plan.k;
         parts
             .chunks(self.per_row)
             .enumerate()
             .map(|(r, parts)| {
                 let (x, r_in) = (&x[r * self.c..(r + 1) * self.c], self.row_in(r));
+                let kept_e_y = x_ys.map(|_| rows::target_logit(x, r_in.target));
                 let (joined, e_y) = T::Acc::dispatch(RowJoin {
                     k,
                     x,
                     target: r_in.target,
                     parts,
+                    kept_e_y,
                 });
-                let (loss, gc) = rows::conclude(k, &r_in, x, joined, e_y);
+                let x_y = match x_ys {
+                    Some(x_ys) => x_ys[r],
+                    None => rows::target_logit(x, r_in.target),
+                };
+                let (loss, gc) = rows::conclude(k, &r_in, x_y, joined, e_y);
                 Concluded { loss, gc }
             })
             .collect()
@@ -96,9 +109,10 @@ where
 
 /// The one parallel region of a call's split rows (see the module's
 /// documentation). The buffers are shared by pointer: a thread writes only
-/// the gradient and scratch of the pieces of the shares it claimed; the
-/// logits are read by every thread, and written (a gradient in place) only
-/// after every partial is taken and the rows are concluded.
+/// the gradient and scratch (and, in place, the logits) of the pieces of
+/// the shares it claimed. A thread reads the logits of other pieces only
+/// when no thread writes them: while the partials are taken unless the
+/// exponentials are kept over the logits, and in the conclusion.
 struct Region<'s, 'a, 'p, T: Elem> {
     split: &'s Split<'a, 'p, T>,
     io: SharedIo<T>,
@@ -106,6 +120,9 @@ struct Region<'s, 'a, 'p, T: Elem> {
     /// ([`Io::keeps_exps_in_grad`]); `C` values per row.
     scratch: Option<Shared<T::Acc>>,
     in_grad: bool,
+    /// With a gradient in place of the compute type: the exponentials are
+    /// kept over the logits, and each row's target logit was read first.
+    x_ys: Option<Vec<T::Acc>>,
     shares: usize,
     shares_claimed: AtomicUsize,
     parts: Vec<OnceLock<Partial<T::Acc>>>,
@@ -196,38 +213,55 @@ where
         true
     }
 
-    /// The rows' logits: read-only until the rows are concluded.
+    /// The rows' logits, for the partials (unless the exponentials are kept
+    /// over them) and the conclusion.
     fn logits(&self) -> &[T] {
         let x = match &self.io {
             Io::Forward(x) | Io::Grad(x, _) | Io::InPlace(x) => x,
         };
-        // SAFETY: nothing writes the logits before every partial is taken
-        // and the rows are concluded (the gradient in place is written
-        // only after), and the references made here do not outlive the
-        // partials and the conclusion.
+        // SAFETY: while the partials are taken, the logits are written
+        // only when the exponentials are kept over them, and then this is
+        // not called; the conclusion comes after every partial and before
+        // any gradient. The references made here do not outlive the
+        // partial or the conclusion that made them.
         unsafe { x.get(0, x.len()) }
     }
 
-    /// The item `i`'s partial; its exponentials into its part of the
-    /// gradient or scratch, when a gradient is wanted.
+    /// The item `i`'s partial; its exponentials kept in its part of the
+    /// gradient (over its logits, in place) or scratch, when a gradient is
+    /// wanted.
     fn partial(&self, i: usize) -> Partial<T::Acc> {
         let (r, p) = self.split.items[i];
         let (at, len) = self.split.span(i);
         let c = self.split.c;
-        // SAFETY: the item's part of the gradient and scratch is written by
-        // the one thread that claimed its share, and by nothing else.
-        let keep: Option<&mut [T::Acc]> = match (&self.io, &self.scratch) {
-            (Io::Grad(_, g), _) if self.in_grad => T::as_acc_mut(unsafe { g.get_mut(at, len) }),
-            (Io::Forward(_), _) => None,
-            (_, Some(sc)) => Some(unsafe { sc.get_mut(at, len) }),
-            (_, None) => None,
+        let over = self.x_ys.is_some();
+        // SAFETY: the item's part of the gradient and scratch (and of the
+        // logits, kept over in place) is written by the one thread that
+        // claimed its share, and by nothing else; no thread reads the
+        // logits of another's piece while the partials are taken, when
+        // they are kept over.
+        let keep = unsafe {
+            match (&self.io, &self.scratch) {
+                (Io::Grad(_, g), _) if self.in_grad => {
+                    Keep::from(T::as_acc_mut(g.get_mut(at, len)))
+                }
+                (Io::InPlace(x), _) if over => {
+                    T::as_acc_mut(x.get_mut(at, len)).map_or(Keep::No, Keep::Over)
+                }
+                (Io::Forward(_), _) | (_, None) => Keep::No,
+                (_, Some(sc)) => Keep::Into(sc.get_mut(at, len)),
+            }
         };
         T::Acc::dispatch(PiecePartial {
             k: &self.split.plan.k,
-            x: &self.logits()[r * c..(r + 1) * c],
+            x: if over {
+                &[]
+            } else {
+                &self.logits()[r * c..(r + 1) * c]
+            },
             probs: self.split.row_in(r).probs,
             p,
-            scratch: keep,
+            keep,
         })
     }
 
@@ -236,9 +270,10 @@ where
         let parts: Option<Vec<Partial<T::Acc>>> =
             self.parts.iter().map(|p| p.get().copied()).collect();
         if let Some(parts) = parts {
-            let _ = self
-                .conclusion
-                .set(self.split.conclude(self.logits(), &parts));
+            let rows = self
+                .split
+                .conclude(self.logits(), &parts, self.x_ys.as_deref());
+            let _ = self.conclusion.set(rows);
         }
     }
 
@@ -260,7 +295,7 @@ where
                 Io::InPlace(x) => Io::InPlace(x.get_mut(at, len)),
             };
             let e = match &self.scratch {
-                _ if self.in_grad => Exps::InGrad,
+                _ if self.in_grad || self.x_ys.is_some() => Exps::InGrad,
                 Some(sc) => Exps::Kept(sc.get(at, len)),
                 None => Exps::Again,
             };
@@ -306,12 +341,19 @@ where
     let n = split.items.len();
     let shares = rayon::current_num_threads().clamp(1, n);
     let in_grad = io.keeps_exps_in_grad();
+    let x_ys = io.keeps_exps_over_logits().then(|| {
+        let x = io.input();
+        (0..x.len() / c)
+            .map(|r| rows::target_logit(&x[r * c..(r + 1) * c], split.row_in(r).target))
+            .collect()
+    });
     let mut scratch = scratch::<T::Acc>(io.needs_scratch(), io.len());
     let region = Region {
         split: &split,
         io: SharedIo::from_logits(io),
         scratch: scratch.as_deref_mut().map(Shared::new),
         in_grad,
+        x_ys,
         shares,
         shares_claimed: AtomicUsize::new(0),
         parts: (0..n).map(|_| OnceLock::new()).collect(),
@@ -365,11 +407,12 @@ fn loss_total<F: Real, O: Elem>(
 
 struct PiecePartial<'a, T: Elem> {
     k: &'a Consts<T::Acc>,
+    /// The row's logits (not read when they lie in `keep`).
     x: &'a [T],
     probs: Option<&'a [T]>,
     p: (usize, usize),
-    /// The piece's own scratch for its exponentials, or None.
-    scratch: Option<&'a mut [T::Acc]>,
+    /// Where the piece's exponentials are kept (the piece's own).
+    keep: Keep<'a, T::Acc>,
 }
 
 impl<T: Elem> Task<T::Acc> for PiecePartial<'_, T> {
@@ -381,30 +424,33 @@ impl<T: Elem> Task<T::Acc> for PiecePartial<'_, T> {
             x,
             probs,
             p,
-            scratch,
+            keep,
         } = self;
-        let max = rows::piece_max(l, x, p);
-        rows::piece_partial(l, k, x, probs, (p, max), scratch)
+        let max = rows::piece_max_in(l, x, &keep, p);
+        rows::piece_partial(l, k, x, probs, (p, max), keep)
     }
 }
 
 /// A row's partials joined: its maximum, its sums from it, and
-/// `exp(x_y - shift)` of its class target (from its piece's shift).
+/// `exp(x_y - shift)` of its class target (from its piece's shift), the
+/// one kept when given.
 struct RowJoin<'a, T: Elem> {
     k: &'a Consts<T::Acc>,
     x: &'a [T],
     target: SampleTarget<T::Acc>,
     parts: &'a [Partial<T::Acc>],
+    kept_e_y: Option<T::Acc>,
 }
 
 impl<T: Elem> Task<T::Acc> for RowJoin<'_, T> {
     type Output = ((T::Acc, Sums<T::Acc>), T::Acc);
     #[inline(always)]
     fn run<L: Lanes<F = T::Acc>>(self, l: L) -> Self::Output {
-        (
-            rows::join(l, self.k, self.parts),
-            rows::target_exp(l, self.x, self.target, self.parts),
-        )
+        let e_y = match self.kept_e_y {
+            Some(e_y) => e_y,
+            None => rows::target_exp(l, self.x, self.target, self.parts),
+        };
+        (rows::join(l, self.k, self.parts), e_y)
     }
 }
 

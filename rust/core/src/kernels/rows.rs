@@ -107,9 +107,65 @@ impl<F: Real> Partial<F> {
     }
 }
 
+/// Where the exponentials' pass keeps the exponentials of a piece of a
+/// row (`[0]` is the piece's first class).
+pub(crate) enum Keep<'k, F> {
+    /// Nowhere.
+    No,
+    /// In a buffer of their own: a scratch, or a separate gradient.
+    Into(&'k mut [F]),
+    /// Over the piece's logits, which the pass reads from the same buffer
+    /// (a gradient in place, of a type that is its own compute type).
+    Over(&'k mut [F]),
+}
+
+impl<'k, F> From<Option<&'k mut [F]>> for Keep<'k, F> {
+    /// Into the buffer when there is one, else nowhere.
+    fn from(b: Option<&'k mut [F]>) -> Self {
+        b.map_or(Keep::No, Keep::Into)
+    }
+}
+
+impl<F> Keep<'_, F> {
+    /// The part of a row's keep for its classes `p` (`[0]` becomes class
+    /// `p.0`).
+    #[inline(always)]
+    fn piece(&mut self, p: (usize, usize)) -> Keep<'_, F> {
+        match self {
+            Keep::No => Keep::No,
+            Keep::Into(b) => Keep::Into(&mut b[p.0..p.1]),
+            Keep::Over(b) => Keep::Over(&mut b[p.0..p.1]),
+        }
+    }
+
+    #[inline(always)]
+    fn reborrow(&mut self) -> Keep<'_, F> {
+        match self {
+            Keep::No => Keep::No,
+            Keep::Into(b) => Keep::Into(b),
+            Keep::Over(b) => Keep::Over(b),
+        }
+    }
+}
+
+/// The maximum of the piece `p` of the row `x`, or of the piece's logits
+/// in `keep` when they lie there ([`Keep::Over`], the piece's own).
+#[inline(always)]
+pub(crate) fn piece_max_in<L: Lanes, T: Elem>(
+    l: L,
+    x: &[T],
+    keep: &Keep<'_, L::F>,
+    p: (usize, usize),
+) -> L::F {
+    match keep {
+        Keep::Over(xs) => piece_max(l, &xs[..], (0, p.1 - p.0)),
+        _ => piece_max(l, x, p),
+    }
+}
+
 /// The partial of the piece `p` of the row `x`, whose maximum is `max`
-/// ([`piece_max`]); its exponentials go to `scratch`, the piece's own
-/// (`scratch[0]` is class `p.0`), when given.
+/// ([`piece_max_in`]); its exponentials kept as `keep` says (the piece's
+/// own; over its logits, `x` is not read).
 #[inline(always)]
 pub(crate) fn piece_partial<L: Lanes, T: Elem>(
     l: L,
@@ -117,14 +173,14 @@ pub(crate) fn piece_partial<L: Lanes, T: Elem>(
     x: &[T],
     probs: Option<&[T]>,
     (p, max): ((usize, usize), L::F),
-    scratch: Option<&mut [L::F]>,
+    keep: Keep<'_, L::F>,
 ) -> Partial<L::F> {
     let shift = if max == L::F::NEG_INFINITY {
         L::F::ZERO
     } else {
         max
     };
-    let sums = piece_sums(l, k, x, probs, p, shift, scratch);
+    let sums = piece_sums(l, k, x, probs, p, shift, keep);
     Partial { max, shift, sums }
 }
 
@@ -197,9 +253,10 @@ fn target_weight<L: Lanes, T: Elem>(
 }
 
 /// The sums of the second pass over `x[lo..hi]` (`hi - lo` a multiple of
-/// `L::N`); stores `e = exp(x - m)` of class `i` into `scratch[i - base]`
-/// when there is a scratch. The choices that hold for the whole pass are
-/// made here, once, so that the loop runs without branches of its own.
+/// `L::N`); keeps `e = exp(x - m)` of class `i` at `[i - base]` of the
+/// buffer `keep` names (over the logits, reads them there, not in `x`).
+/// The choices that hold for the whole pass are made here, once, so that
+/// the loop runs without branches of its own.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn exp_pass<L: Lanes, T: Elem>(
@@ -210,27 +267,35 @@ fn exp_pass<L: Lanes, T: Elem>(
     lo: usize,
     hi: usize,
     m: L::F,
-    (scratch, base): (Option<&mut [L::F]>, usize),
+    (keep, base): (Keep<'_, L::F>, usize),
 ) -> Sums<L::F> {
     let extra = k.smooth || probs.is_some();
     let pass = (x, probs, lo, hi, m);
-    match (scratch, extra) {
-        (Some(sc), false) => exp_loop::<L, T, true, false>(l, k, pass, (sc, base)),
-        (Some(sc), true) => exp_loop::<L, T, true, true>(l, k, pass, (sc, base)),
-        (None, false) => exp_loop::<L, T, false, false>(l, k, pass, (&mut [], base)),
-        (None, true) => exp_loop::<L, T, false, true>(l, k, pass, (&mut [], base)),
+    match (keep, extra) {
+        (Keep::No, false) => exp_loop::<L, T, NONE, false>(l, k, pass, (&mut [], base)),
+        (Keep::No, true) => exp_loop::<L, T, NONE, true>(l, k, pass, (&mut [], base)),
+        (Keep::Into(b), false) => exp_loop::<L, T, INTO, false>(l, k, pass, (b, base)),
+        (Keep::Into(b), true) => exp_loop::<L, T, INTO, true>(l, k, pass, (b, base)),
+        (Keep::Over(b), false) => exp_loop::<L, T, OVER, false>(l, k, pass, (b, base)),
+        (Keep::Over(b), true) => exp_loop::<L, T, OVER, true>(l, k, pass, (b, base)),
     }
 }
 
-/// [`exp_pass`]'s loop: `KEEP`, whether it stores the exponentials into
-/// `scratch`; `EXTRA`, whether it adds the sums of label smoothing or of
+/// [`exp_loop`]'s forms of [`Keep`].
+const NONE: u8 = 0;
+const INTO: u8 = 1;
+const OVER: u8 = 2;
+
+/// [`exp_pass`]'s loop: `KEEP`, where it keeps the exponentials (`NONE`,
+/// `INTO` the buffer `kept`, or `OVER` the logits, which it then reads
+/// from `kept`); `EXTRA`, whether it adds the sums of label smoothing or of
 /// probability targets (else they stay zero).
 #[inline(always)]
-fn exp_loop<L: Lanes, T: Elem, const KEEP: bool, const EXTRA: bool>(
+fn exp_loop<L: Lanes, T: Elem, const KEEP: u8, const EXTRA: bool>(
     l: L,
     k: &Consts<L::F>,
     (x, probs, lo, hi, m): (&[T], Option<&[T]>, usize, usize, L::F),
-    (scratch, base): (&mut [L::F], usize),
+    (kept, base): (&mut [L::F], usize),
 ) -> Sums<L::F> {
     let n = L::N;
     let zero = l.splat(L::F::ZERO);
@@ -245,11 +310,16 @@ fn exp_loop<L: Lanes, T: Elem, const KEEP: bool, const EXTRA: bool>(
         let (mut bs, mut bsm, mut bpa, mut bpb) = (zero, zero, zero, zero);
         let mut i = b0;
         while i + n <= b1 {
-            let d = l.sub(l.load(&x[i..]), mv);
+            let xv = if KEEP == OVER {
+                l.load(&kept[i - base..])
+            } else {
+                l.load(&x[i..])
+            };
+            let d = l.sub(xv, mv);
             let e = l.exp(d);
             bs = l.add(bs, e);
-            if KEEP {
-                l.store(e, &mut scratch[i - base..]);
+            if KEEP != NONE {
+                l.store(e, &mut kept[i - base..]);
             }
             if EXTRA && k.smooth {
                 bsm = match w {
@@ -279,7 +349,7 @@ fn exp_loop<L: Lanes, T: Elem, const KEEP: bool, const EXTRA: bool>(
 }
 
 /// The sums of the piece `p` of the row `x` (see [`exp_pass`]); the
-/// exponentials go to `scratch`, the piece's own (`scratch[0]` is class `p.0`).
+/// exponentials kept as `keep` says (the piece's own: `[0]` is class `p.0`).
 #[inline(always)]
 fn piece_sums<L: Lanes, T: Elem>(
     l: L,
@@ -288,20 +358,11 @@ fn piece_sums<L: Lanes, T: Elem>(
     probs: Option<&[T]>,
     p: (usize, usize),
     m: L::F,
-    mut scratch: Option<&mut [L::F]>,
+    mut keep: Keep<'_, L::F>,
 ) -> Sums<L::F> {
     let body = piece_body::<L>(p);
-    let a = exp_pass(l, k, x, probs, p.0, body, m, (scratch.as_deref_mut(), p.0));
-    a.add(exp_pass(
-        l.tail(),
-        k,
-        x,
-        probs,
-        body,
-        p.1,
-        m,
-        (scratch, p.0),
-    ))
+    let a = exp_pass(l, k, x, probs, p.0, body, m, (keep.reborrow(), p.0));
+    a.add(exp_pass(l.tail(), k, x, probs, body, p.1, m, (keep, p.0)))
 }
 
 /// `exp(x_y - shift)` for a class target, from the shift of its piece of
@@ -321,18 +382,29 @@ pub(crate) fn target_exp<L: Lanes, T: Elem>(
     }
 }
 
-/// The row's loss and gradient constants from its maximum `m`, its sums
-/// and `e_y` ([`target_exp`]).
+/// The logit `x_y` of a class target (read before the passes, which may
+/// keep the exponentials over the logits), else 0.
+#[inline(always)]
+pub(crate) fn target_logit<T: Elem, F: Real>(x: &[T], t: SampleTarget<F>) -> F {
+    match t {
+        SampleTarget::Class { y, .. } => F::from_elem(x[y]),
+        _ => F::ZERO,
+    }
+}
+
+/// The row's loss and gradient constants from its target's logit `x_y`
+/// ([`target_logit`]), its maximum `m`, its sums and `e_y`
+/// ([`target_exp`]).
 #[inline(always)]
 pub(crate) fn conclude<T: Elem, F: Real>(
     k: &Consts<F>,
     r: &RowIn<'_, T, F>,
-    x: &[T],
+    x_y: F,
     (m, sums): (F, Sums<F>),
     e_y: F,
 ) -> (F, GradConsts<F>) {
     let xy = match r.target {
-        SampleTarget::Class { y, .. } => F::from_elem(x[y]) - m,
+        SampleTarget::Class { .. } => x_y - m,
         _ => F::ZERO,
     };
     let (loss, k1) = finish(k, r.target, xy, sums, m);
@@ -506,32 +578,26 @@ pub(crate) fn piece_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
     }
 }
 
-/// The piece `p` of a row's scratch.
-#[inline(always)]
-fn piece_of<'s, F>(scratch: &'s mut Option<&mut [F]>, p: (usize, usize)) -> Option<&'s mut [F]> {
-    scratch.as_deref_mut().map(|s| &mut s[p.0..p.1])
-}
-
 /// Fills `parts` with the partials of the pieces of the row `x`, in order;
-/// the exponentials into `scratch` (room for `C` values) when given. Every
-/// piece's maximum is taken first, in one pass over the row, then every
-/// piece's sums: the order of the passes over a row of one piece.
+/// the exponentials kept as `keep` says (the row's: room for `C` values;
+/// over the logits, `x` is not read). Every piece's maximum is taken first,
+/// in one pass over the row, then every piece's sums: the order of the
+/// passes over a row of one piece.
 #[inline(always)]
 fn fill_partials<L: Lanes, T: Elem>(
     l: L,
     k: &Consts<L::F>,
     (x, probs): (&[T], Option<&[T]>),
     parts: &mut [Partial<L::F>],
-    mut scratch: Option<&mut [L::F]>,
+    mut keep: Keep<'_, L::F>,
 ) {
     // Loops, not closures: a closure may not be inlined into the caller's
     // target features, and the lanes' intrinsics must be.
-    for (part, p) in parts.iter_mut().zip(pieces(x.len())) {
-        part.max = piece_max(l, x, p);
+    for (part, p) in parts.iter_mut().zip(pieces(k.classes)) {
+        part.max = piece_max_in(l, x, &keep.piece(p), p);
     }
-    for (part, p) in parts.iter_mut().zip(pieces(x.len())) {
-        let sc = piece_of(&mut scratch, p);
-        *part = piece_partial(l, k, x, probs, (p, part.max), sc);
+    for (part, p) in parts.iter_mut().zip(pieces(k.classes)) {
+        *part = piece_partial(l, k, x, probs, (p, part.max), keep.piece(p));
     }
 }
 
@@ -552,7 +618,8 @@ fn row_gradient<L: Lanes, T: Elem, A: GradAccess<T>>(
 }
 
 /// The row `x`'s loss and gradient constants, from the partials of its
-/// pieces (into `parts`); the exponentials into `keep` when given.
+/// pieces (into `parts`); the exponentials kept into `keep` (not over the
+/// logits).
 #[inline(always)]
 fn row_partials<L: Lanes, T: Elem>(
     l: L,
@@ -562,15 +629,31 @@ fn row_partials<L: Lanes, T: Elem>(
     parts: &mut [Partial<L::F>],
     keep: Option<&mut [L::F]>,
 ) -> (L::F, GradConsts<L::F>) {
-    fill_partials(l, k, (x, r.probs), parts, keep);
+    fill_partials(l, k, (x, r.probs), parts, Keep::from(keep));
     let e_y = target_exp(l, x, r.target, parts);
-    conclude(k, r, x, join(l, k, parts), e_y)
+    conclude(k, r, target_logit(x, r.target), join(l, k, parts), e_y)
+}
+
+/// [`row_partials`] with the exponentials kept over the logits `x`, which
+/// are left holding them: `x_y` is read first, and `e_y` is the one kept.
+#[inline(always)]
+fn row_partials_over<L: Lanes, T: Elem>(
+    l: L,
+    k: &Consts<L::F>,
+    x: &mut [L::F],
+    r: &RowIn<'_, T, L::F>,
+    parts: &mut [Partial<L::F>],
+) -> (L::F, GradConsts<L::F>) {
+    let x_y = target_logit(x, r.target);
+    fill_partials::<L, T>(l, k, (&[], r.probs), parts, Keep::Over(x));
+    conclude(k, r, x_y, join(l, k, parts), target_logit(x, r.target))
 }
 
 /// Loss of one row; writes its gradient when `io` asks for one. The
-/// exponentials are kept between the passes in the gradient buffer when
-/// `io` keeps them there ([`Io::keeps_exps_in_grad`]), else in `scratch`
-/// (room for `C` values) when given; else computed again (same bits).
+/// exponentials are kept between the passes in the gradient buffer when it
+/// is of the compute type (a separate gradient, or one over the logits),
+/// else in `scratch` (room for `C` values) when given; else computed again
+/// (same bits).
 #[inline(always)]
 pub(crate) fn row<L: Lanes, T: Elem<Acc = L::F>>(
     l: L,
@@ -609,16 +692,18 @@ pub(crate) fn row<L: Lanes, T: Elem<Acc = L::F>>(
             loss
         }
         Io::InPlace(x) => {
-            let (loss, gc) = row_partials(l, k, &x[..c], &r, parts, scratch.as_deref_mut());
-            row_gradient(
-                l,
-                k,
-                &mut Same(x),
-                &r,
-                Exps::in_scratch(scratch.as_deref()),
-                gc,
-                parts,
-            );
+            let x = &mut x[..c];
+            let (loss, gc, e) = match T::as_acc_mut(&mut *x) {
+                Some(xa) => {
+                    let (loss, gc) = row_partials_over(l, k, xa, &r, parts);
+                    (loss, gc, Exps::InGrad)
+                }
+                None => {
+                    let (loss, gc) = row_partials(l, k, x, &r, parts, scratch.as_deref_mut());
+                    (loss, gc, Exps::in_scratch(scratch.as_deref()))
+                }
+            };
+            row_gradient(l, k, &mut Same(x), &r, e, gc, parts);
             loss
         }
     }
@@ -630,60 +715,61 @@ mod tests {
     use crate::simd::{Compute, Task};
     use crate::test_util::lcg;
 
-    /// Where a row's exponentials are kept between its passes.
+    /// Where a row's gradient goes, and whether the call gives a scratch.
     #[derive(Clone, Copy, Debug, PartialEq)]
-    enum Keep {
-        InGrad,
-        Scratch,
-        Nowhere,
+    enum Form {
+        Grad { scratch: bool },
+        InPlace { scratch: bool },
     }
 
-    /// One row's loss and gradient by [`row`], with its exponentials kept
-    /// where `keep` says (the gradient written over the logits for a
-    /// scratch or none: a separate float32 gradient keeps them itself).
-    struct RowBits<'a> {
+    /// One row's loss and gradient by [`row`] in the form `form`, as the
+    /// bits of their float32 values.
+    struct RowBits<'a, T> {
         k: &'a Consts<f32>,
-        x: &'a [f32],
-        r: RowIn<'a, f32, f32>,
-        keep: Keep,
+        x: &'a [T],
+        r: RowIn<'a, T, f32>,
+        form: Form,
     }
 
-    impl Task<f32> for RowBits<'_> {
+    impl<T: Elem<Acc = f32>> Task<f32> for RowBits<'_, T> {
         type Output = Vec<u32>;
         fn run<L: Lanes<F = f32>>(self, l: L) -> Vec<u32> {
-            let mut g = vec![f32::NAN; self.x.len()];
+            let mut g = self.x.to_vec();
             let mut sc = vec![f32::NAN; self.x.len()];
-            let (io, scratch) = match self.keep {
-                Keep::InGrad => (Io::Grad(self.x, &mut g[..]), None),
-                Keep::Scratch | Keep::Nowhere => {
-                    g.copy_from_slice(self.x);
-                    let sc = (self.keep == Keep::Scratch).then_some(&mut sc[..]);
-                    (Io::InPlace(&mut g[..]), sc)
-                }
+            let (io, scratch) = match self.form {
+                Form::Grad { scratch } => (Io::Grad(self.x, &mut g[..]), scratch),
+                Form::InPlace { scratch } => (Io::InPlace(&mut g[..]), scratch),
             };
-            assert_eq!(io.keeps_exps_in_grad(), self.keep == Keep::InGrad);
-            let loss = row(l, self.k, io, self.r, scratch);
-            std::iter::once(loss).chain(g).map(f32::to_bits).collect()
+            let own = T::is_own_acc();
+            let in_place = matches!(self.form, Form::InPlace { .. });
+            assert_eq!(io.keeps_exps_in_grad(), own && !in_place);
+            assert_eq!(io.keeps_exps_over_logits(), own && in_place);
+            let loss = row(l, self.k, io, self.r, scratch.then_some(&mut sc[..]));
+            std::iter::once(loss)
+                .chain(g.iter().map(|v| v.to_f32()))
+                .map(f32::to_bits)
+                .collect()
         }
     }
 
-    /// The six forms of the gradient loop (exponentials in the gradient, in
-    /// a scratch or computed again; smoothing or probability targets, or
-    /// neither) and the four of the exponentials' loop give a row of
-    /// several pieces the same bits, with and without class weights.
-    #[test]
-    fn exponentials_in_the_gradient_a_scratch_or_none_give_the_same_bits() {
+    /// A row of several pieces, with each kind of target and option, with
+    /// and without class weights, in float32 (`T`) and bfloat16: the bits
+    /// of every form in `forms`.
+    fn bits_of_forms<T: Elem<Acc = f32>>(forms: &[Form]) -> Vec<Vec<Vec<u32>>> {
         let c = 2 * PIECE + 37;
         let mut sd = 9;
-        let x: Vec<f32> = (0..c)
-            .map(|_| (lcg(&mut sd) * 20.0 - 10.0) as f32)
+        let x: Vec<T> = (0..c)
+            .map(|_| T::from_f64(lcg(&mut sd) * 20.0 - 10.0))
             .collect();
-        let probs: Vec<f32> = (0..c).map(|_| lcg(&mut sd) as f32 / c as f32).collect();
+        let probs: Vec<T> = (0..c)
+            .map(|_| T::from_f64(lcg(&mut sd) / c as f64))
+            .collect();
         let w: Vec<f64> = (0..c).map(|_| lcg(&mut sd) * 2.0).collect();
         let class = SampleTarget::Class {
             y: PIECE + 3,
             w_y: 0.7,
         };
+        let mut out = Vec::new();
         for weight in [None, Some(&w[..])] {
             let cases = [
                 (Consts::new(c, weight, 0.0, true, 0.0), class, None),
@@ -694,21 +780,46 @@ mod tests {
                     Some(&probs[..]),
                 ),
             ];
-            for (i, (k, target, probs)) in cases.iter().enumerate() {
-                let bits = |keep| {
+            for (k, target, probs) in &cases {
+                let bits = |form| {
                     let r = RowIn {
                         target: *target,
                         probs: *probs,
                         scale: 0.5,
                     };
-                    f32::dispatch(RowBits { k, x: &x, r, keep })
+                    f32::dispatch(RowBits { k, x: &x, r, form })
                 };
-                let in_grad = bits(Keep::InGrad);
-                assert!(in_grad.iter().all(|b| f32::from_bits(*b).is_finite()));
-                for keep in [Keep::Scratch, Keep::Nowhere] {
-                    let w = weight.is_some();
-                    assert!(bits(keep) == in_grad, "case {i}, {keep:?}, weight {w}");
-                }
+                out.push(forms.iter().map(|&f| bits(f)).collect());
+            }
+        }
+        out
+    }
+
+    /// Every form of the exponentials' loop (keeping them nowhere, into a
+    /// buffer, over the logits; with smoothing or probability sums or
+    /// without) and of the gradient loop (from a scratch, the gradient
+    /// buffer, or computed again; with a target weight or without) gives
+    /// a row the same bits: float32 keeps them in its gradient, separate
+    /// or in place; bfloat16 in a scratch, or nowhere.
+    #[test]
+    fn every_place_of_the_exponentials_gives_the_same_bits() {
+        let f32_forms = [
+            Form::Grad { scratch: false },
+            Form::InPlace { scratch: false },
+            Form::InPlace { scratch: true },
+        ];
+        let bf16_forms = [
+            Form::Grad { scratch: true },
+            Form::Grad { scratch: false },
+            Form::InPlace { scratch: true },
+            Form::InPlace { scratch: false },
+        ];
+        let f = bits_of_forms::<f32>(&f32_forms);
+        let b = bits_of_forms::<half::bf16>(&bf16_forms);
+        for (case, bits) in f.iter().chain(&b).enumerate() {
+            assert!(bits[0].iter().all(|v| f32::from_bits(*v).is_finite()));
+            for (form, other) in bits.iter().enumerate().skip(1) {
+                assert!(other == &bits[0], "case {case}, form {form}");
             }
         }
     }
