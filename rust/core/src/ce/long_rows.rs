@@ -88,7 +88,12 @@ where
             .enumerate()
             .map(|(r, parts)| {
                 let (x, r_in) = (&x[r * self.c..(r + 1) * self.c], self.row_in(r));
-                let kept_e_y = x_ys.map(|_| rows::target_logit(x, r_in.target));
+                let at_y = rows::target_logit(x, r_in.target);
+                // kept over the logits, the logit at `y` now holds its exponential
+                let (x_y, kept_e_y) = match x_ys {
+                    Some(x_ys) => (x_ys[r], Some(at_y)),
+                    None => (at_y, None),
+                };
                 let (joined, e_y) = T::Acc::dispatch(RowJoin {
                     k,
                     x,
@@ -96,10 +101,6 @@ where
                     parts,
                     kept_e_y,
                 });
-                let x_y = match x_ys {
-                    Some(x_ys) => x_ys[r],
-                    None => rows::target_logit(x, r_in.target),
-                };
                 let (loss, gc) = rows::conclude(k, &r_in, x_y, joined, e_y);
                 Concluded { loss, gc }
             })

@@ -634,6 +634,21 @@ fn row_partials<L: Lanes, T: Elem>(
     conclude(k, r, target_logit(x, r.target), join(l, k, parts), e_y)
 }
 
+/// [`row_partials`] with the exponentials kept in `scratch` when there is
+/// one (else computed again), and where the gradient pass finds them.
+#[inline(always)]
+fn row_partials_scratch<'s, L: Lanes, T: Elem>(
+    l: L,
+    k: &Consts<L::F>,
+    x: &[T],
+    r: &RowIn<'_, T, L::F>,
+    parts: &mut [Partial<L::F>],
+    scratch: &'s mut Option<&mut [L::F]>,
+) -> (L::F, GradConsts<L::F>, Exps<'s, L::F>) {
+    let (loss, gc) = row_partials(l, k, x, r, parts, scratch.as_deref_mut());
+    (loss, gc, Exps::in_scratch(scratch.as_deref()))
+}
+
 /// [`row_partials`] with the exponentials kept over the logits `x`, which
 /// are left holding them: `x_y` is read first, and `e_y` is the one kept.
 #[inline(always)]
@@ -683,10 +698,7 @@ pub(crate) fn row<L: Lanes, T: Elem<Acc = L::F>>(
                     let (loss, gc) = row_partials(l, k, x, &r, parts, Some(&mut ge[..c]));
                     (loss, gc, Exps::InGrad)
                 }
-                None => {
-                    let (loss, gc) = row_partials(l, k, x, &r, parts, scratch.as_deref_mut());
-                    (loss, gc, Exps::in_scratch(scratch.as_deref()))
-                }
+                None => row_partials_scratch(l, k, x, &r, parts, &mut scratch),
             };
             row_gradient(l, k, &mut Separate(x, g), &r, e, gc, parts);
             loss
@@ -698,10 +710,7 @@ pub(crate) fn row<L: Lanes, T: Elem<Acc = L::F>>(
                     let (loss, gc) = row_partials_over(l, k, xa, &r, parts);
                     (loss, gc, Exps::InGrad)
                 }
-                None => {
-                    let (loss, gc) = row_partials(l, k, x, &r, parts, scratch.as_deref_mut());
-                    (loss, gc, Exps::in_scratch(scratch.as_deref()))
-                }
+                None => row_partials_scratch(l, k, x, &r, parts, &mut scratch),
             };
             row_gradient(l, k, &mut Same(x), &r, e, gc, parts);
             loss
